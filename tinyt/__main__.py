@@ -1,0 +1,3 @@
+from tinyt.cli import main
+
+main()

@@ -1,0 +1,250 @@
+"""The `tinyt` command line: parses arguments, calls the library, prints results.
+
+Every user-fixable problem surfaces as one `error: ...` line on stderr and exit code 2.
+Set TINYT_TRACEBACK=1 to see the full traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tinyt import __version__
+from tinyt.errors import TinytError
+
+app = typer.Typer(
+    name="tinyt", no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Train, evaluate and use small encoder-decoder Transformer translation models.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(command):
+    """Turn TinytError into one line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TinytError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: still one line, with a way to see more
+            if os.environ.get("TINYT_TRACEBACK"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (set TINYT_TRACEBACK=1 for the "
+                  "traceback and please report it)", code=1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinyt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Train, evaluate and use small encoder-decoder Transformer translation models."""
+
+
+def _find_run(run: Optional[Path]) -> Path:
+    """The run to use: the one given, else the most recently trained run under ./runs."""
+    if run is not None:
+        return run
+    candidates = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise TinytError("no --run given and no trained run under ./runs; pass --run runs/NAME")
+    chosen = candidates[-1].parent
+    typer.echo(f"using run {chosen}", err=True)
+    return chosen
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="Read the corpus from this folder instead of the hub."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start an existing run over."),
+    max_minutes: Optional[float] = typer.Option(
+        None, "--max-minutes", help="Wall-clock training budget (overrides train.max_minutes)."),
+) -> None:
+    """Train a model from a YAML config.
+
+    Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
+    """
+    from tinyt.config import load_config
+    from tinyt.training import train as run_training
+
+    if resume is not None:
+        if config is not None:
+            raise TinytError("--resume uses the run's own config.yaml; drop --config")
+        cfg = load_config(resume / "config.yaml") if resume.is_dir() else None
+        if cfg is None:
+            raise TinytError(f"cannot resume: {resume} is not a run directory")
+        cfg.run_dir = str(resume)
+    elif config is None:
+        raise TinytError("pass --config FILE (or --resume runs/NAME)")
+    else:
+        cfg = load_config(config)
+    if run_dir is not None:
+        cfg.run_dir = run_dir
+    if data_dir is not None:
+        cfg.data.dir = data_dir
+    if max_minutes is not None:
+        cfg.train.max_minutes = max_minutes
+    cfg.validate()
+    summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
+    typer.echo(
+        f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
+        f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "
+        f"{summary['best_step']}; {summary['parameters']:,} parameters on {summary['device']}")
+    typer.echo(f"next: tinyt evaluate --run {summary['run_dir']} --split test")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    split: str = typer.Option("test", "--split", help="train, valid, test or a split name."),
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy)."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
+    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Loss, perplexity, BLEU and chrF of a trained run on a split.
+
+    Example: tinyt evaluate --run runs/multi30k_de_en --split test --beam 5
+    """
+    from tinyt.checkpoint import load_trained
+    from tinyt.data import load_split, tokenize
+    from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
+    from tinyt.hardware import set_threads
+    from tinyt.translation import Translator
+
+    run = _find_run(run)
+    config, tokenizers, model, payload = load_trained(run, checkpoint)
+    set_threads(config.train.num_threads)
+    if data_dir is not None:
+        config.data.dir = data_dir
+        config.data.validate()
+    text = load_split(config.data, split)
+    if len(text) == 0:
+        raise TinytError(f"split {split!r} ({text.name}) is empty")
+    translator = Translator(model, tokenizers, config.decoding, device=_device(device),
+                            amp=config.train.amp)
+    data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
+    nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens, translator.device,
+                                       translator.amp_dtype, progress=True)
+    beam = beam or config.decoding.beam_size
+    hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
+                                progress=True)
+    scores = score_translations(hyps, text.tgt)
+    out_dir = run / "translations"
+    out_dir.mkdir(exist_ok=True)
+    hyp_path = out_dir / f"{split}.beam{beam}.{config.data.tgt_lang}"
+    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    result = {"split": split, "sentences": len(text), "checkpoint": checkpoint,
+              "step": payload["progress"]["step"], "beam": beam, "loss": round(nll, 4),
+              "ppl": round(perplexity(nll), 3), "target_tokens": n_tokens, **scores,
+              "hypotheses": str(hyp_path)}
+    with open(run / "evaluations.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    typer.echo(f"{run} {split} ({len(text)} sentences, {checkpoint} step {result['step']}, "
+               f"beam {beam})")
+    typer.echo(f"  loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
+    typer.echo(f"  {scores['bleu_detail']}")
+    typer.echo(f"  BLEU signature: {scores['bleu_signature']}")
+    typer.echo(f"  chrF2 {scores['chrf']:.2f}  signature: {scores['chrf_signature']}")
+    typer.echo(f"  hypotheses: {hyp_path}")
+
+
+def _device(name: str):
+    from tinyt.hardware import resolve_device
+
+    return resolve_device(name)
+
+
+def _read_text_lines(stream) -> list[str]:
+    """Lines of a binary stream as text; bytes that are not UTF-8 become U+FFFD."""
+    data = stream.read()
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+@app.command()
+@friendly_errors
+def translate(
+    text: Optional[List[str]] = typer.Argument(
+        None, help="Sentences to translate; '-' (or nothing, with piped input) reads stdin."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy)."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="File to translate."),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here."),
+    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Translate sentences, one output line per input line.
+
+    Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
+    """
+    from tinyt.translation import Translator
+
+    if input_file is not None:
+        if text:
+            raise TinytError("give either sentences or --input FILE, not both")
+        if not input_file.is_file():
+            raise TinytError(f"input file {input_file} does not exist")
+        with open(input_file, "rb") as f:
+            lines = _read_text_lines(f)
+    elif text and text != ["-"]:
+        lines = list(text)
+    elif text == ["-"] or not sys.stdin.isatty():
+        lines = _read_text_lines(sys.stdin.buffer)
+    else:
+        raise TinytError("nothing to translate: give sentences, '-' for stdin, or --input FILE")
+    translator = Translator.from_run(_find_run(run), checkpoint, device=device)
+    outputs = translator.translate(lines, beam_size=beam, length_penalty=length_penalty,
+                                   progress=len(lines) > 100)
+    body = "".join(line + "\n" for line in outputs)
+    if output_file is not None:
+        output_file.write_text(body, encoding="utf-8")
+    else:
+        sys.stdout.write(body)
+        sys.stdout.flush()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a single line, never a traceback."""
+
+
+class TinytError(Exception):
+    """A problem the user can fix: bad config, missing file, unusable checkpoint, bad input.
+
+    The message is complete on its own: it names what is wrong and how to fix it. The CLI prints
+    it as one line on stderr and exits with code 2.
+    """

@@ -1,0 +1,56 @@
+"""Where and how computations run: device choice, mixed precision, CPU threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from tinyt.errors import TinytError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks the first CUDA GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TinytError(f"device {name!r} asked for, but no CUDA GPU is available; use "
+                         "train.device: auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TinytError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `setting` (auto/none/bf16/fp16) on `device`, or None for fp32.
+
+    auto means bf16 on CUDA (no loss scaling needed) and fp32 on the CPU, where bf16 matmuls
+    are slower than fp32 on most processors.
+    """
+    if setting == "none" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting in ("auto", "bf16"):
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise TinytError("train.amp: fp16 needs a CUDA GPU; use bf16 or none on the CPU")
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context for mixed precision, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(num_threads: int = 0) -> int:
+    """Use `num_threads` CPU threads for torch ops (0: one per available core)."""
+    if num_threads <= 0:
+        try:
+            num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            num_threads = os.cpu_count() or 1
+    torch.set_num_threads(num_threads)
+    return num_threads

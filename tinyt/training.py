@@ -1,0 +1,315 @@
+"""The training loop: teacher forcing, label-smoothed cross-entropy, Adam with linear warmup
+then ReduceLROnPlateau on validation loss, gradient clipping, periodic validation, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tinyt.checkpoint import build_model, load_checkpoint, save_checkpoint
+from tinyt.config import Config, save_config
+from tinyt.data import (TokenizedText, collate, load_split, make_batches, tokenize,
+                        trainable_indices)
+from tinyt.errors import TinytError
+from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
+from tinyt.hardware import amp_dtype, autocast, resolve_device, set_threads
+from tinyt.model import Transformer
+from tinyt.tokenizer import PAD_ID, Tokenizers, train_or_load
+from tinyt.translation import Translator
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a run can resume exactly."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    best_valid_loss: float = math.inf
+    best_step: int = 0
+    validations_since_best: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _warmup_lr(config: Config, step: int) -> float | None:
+    """The learning rate during linear warmup at `step` (1-based), or None once it is over."""
+    warmup = config.train.warmup_steps
+    if warmup and step <= warmup:
+        return config.train.lr * step / warmup
+    return None
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler and progress of one run directory."""
+
+    def __init__(self, config: Config, tokenizers: Tokenizers, train_data: TokenizedText,
+                 valid_data: TokenizedText, valid_refs: list[str], progress_bars: bool = True):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.tokenizers = tokenizers
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.valid_refs = valid_refs
+        self.progress_bars = progress_bars
+        tc = config.train
+        self.device = resolve_device(tc.device)
+        self.amp = amp_dtype(tc.amp, self.device)
+        self.model: Transformer = build_model(config, tokenizers).to(self.device)
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas,
+                                          eps=tc.eps, weight_decay=tc.weight_decay)
+        if tc.warmup_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = _warmup_lr(config, 1)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience,
+            min_lr=tc.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.train_indices = trainable_indices(train_data, config.data.max_len)
+        if self.train_indices.numel() == 0:
+            raise TinytError(f"no training pair has 1..{config.data.max_len} tokens on both "
+                             "sides; check the data or raise data.max_len")
+        self.progress = Progress()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": vars(self.progress).copy(),
+            "rng": _rng_state(),
+            "tokenizer_fingerprint": self.tokenizers.fingerprint,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, best: bool) -> None:
+        payload = self._payload()
+        save_checkpoint(payload, self.run_dir / "last.pt")
+        if best:
+            save_checkpoint(payload, self.run_dir / "best.pt")
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint written by `save`: weights, optimizer, schedules, RNGs
+        and the position in the epoch's batch order."""
+        payload = load_checkpoint(path)
+        if payload.get("tokenizer_fingerprint") != self.tokenizers.fingerprint:
+            raise TinytError(f"{path} was trained with another vocabulary than this run's "
+                             "tokenizer; resume needs the run's original data and config")
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:160]
+            raise TinytError(f"{path} does not fit this run's model/optimizer ({first}); was "
+                             "the config changed since the checkpoint was written?") from None
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.progress = Progress(**payload["progress"])
+        _set_rng_state(payload["rng"])
+
+    # -- one optimisation step ---------------------------------------------------------------
+
+    def _train_step(self, batch) -> torch.Tensor:
+        """Forward, backward and update on one batch; returns the summed loss (no host sync)."""
+        with autocast(self.device, self.amp):
+            hidden = self.forward(batch.src, batch.tgt_in)
+            logits = self.model.logits(hidden)
+        loss_sum = F.cross_entropy(
+            logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+            label_smoothing=self.config.train.label_smoothing, reduction="sum")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_sum / batch.n_tokens).backward()
+        if self.config.train.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss_sum.detach()
+
+    # -- validation --------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any]:
+        tc = self.config.train
+        nll, _ = teacher_forced_nll(self.model, self.valid_data, tc.batch_tokens, self.device,
+                                    self.amp)
+        result: dict[str, Any] = {"valid_loss": round(nll, 4), "valid_ppl": round(perplexity(nll), 3)}
+        if tc.valid_bleu:
+            self.model.eval()
+            translator = Translator(self.model, self.tokenizers, self.config.decoding,
+                                    self.device, tc.amp)
+            src_ids = [self.valid_data.src(i).tolist() for i in range(len(self.valid_data))]
+            hyps = self.tokenizers.decode_tgt(translator.translate_ids(src_ids, beam_size=1))
+            result["valid_bleu"] = score_translations(hyps, self.valid_refs)["bleu"]
+            self.model.train()
+        return result
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        tc = self.config.train
+        p = self.progress
+        metrics_path = self.run_dir / "metrics.jsonl"
+        start = time.monotonic()
+        deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
+        stop_reason = None
+        tokens_since_log, loss_since_log = 0, torch.zeros((), device=self.device)
+        log_tokens_total, log_loss_total = 0, torch.zeros((), device=self.device)
+        log_time = time.monotonic()
+        self.model.train()
+        while stop_reason is None and p.epoch < tc.max_epochs:
+            generator = torch.Generator().manual_seed(tc.seed * 100_003 + p.epoch)
+            batches = make_batches(self.train_data, self.train_indices, tc.batch_tokens, generator)
+            bar = tqdm(total=len(batches), initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}",
+                       unit="batch", disable=not self.progress_bars, dynamic_ncols=True)
+            for idx in batches[p.batch_in_epoch:]:
+                batch = collate(self.train_data, idx)
+                if self.device.type == "cuda":
+                    batch = batch.pin_memory().to(self.device, non_blocking=True)
+                p.step += 1
+                warm = _warmup_lr(self.config, p.step)
+                if warm is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = warm
+                loss = self._train_step(batch)
+                p.batch_in_epoch += 1
+                loss_since_log += loss
+                tokens_since_log += batch.n_tokens
+                bar.update(1)
+                if p.step % tc.log_every == 0:
+                    now = time.monotonic()
+                    bar.set_postfix(loss=f"{float(loss_since_log) / tokens_since_log:.3f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                    tok_s=f"{tokens_since_log / (now - log_time):.0f}")
+                    log_loss_total += loss_since_log
+                    log_tokens_total += tokens_since_log
+                    loss_since_log.zero_()
+                    tokens_since_log, log_time = 0, now
+                end_of_epoch = p.batch_in_epoch == len(batches)
+                if end_of_epoch:
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+                if tc.max_steps and p.step >= tc.max_steps:
+                    stop_reason = f"reached train.max_steps={tc.max_steps}"
+                elif time.monotonic() >= deadline:
+                    stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
+                due = (tc.valid_every and p.step % tc.valid_every == 0) or \
+                    (not tc.valid_every and end_of_epoch)
+                if due or stop_reason is not None:
+                    log_loss_total += loss_since_log
+                    log_tokens_total += tokens_since_log
+                    loss_since_log.zero_()
+                    tokens_since_log = 0
+                    stop_reason = self._validate_and_save(
+                        metrics_path, float(log_loss_total) / max(log_tokens_total, 1), start,
+                        log_tokens_total, stop_reason, bar)
+                    log_loss_total.zero_()
+                    log_tokens_total = 0
+                    log_time = time.monotonic()
+                if stop_reason is not None or end_of_epoch:
+                    break
+            bar.close()
+        if stop_reason is None:
+            stop_reason = f"reached train.max_epochs={tc.max_epochs}"
+        return {"stop_reason": stop_reason, "steps": p.step, "epochs": p.epoch,
+                "best_valid_loss": p.best_valid_loss, "best_step": p.best_step,
+                "minutes": (time.monotonic() - start) / 60}
+
+    def _validate_and_save(self, metrics_path: Path, train_loss: float, start: float,
+                           tokens: int, stop_reason: str | None, bar) -> str | None:
+        tc = self.config.train
+        p = self.progress
+        elapsed = time.monotonic() - start
+        result = self.validate()
+        improved = result["valid_loss"] < p.best_valid_loss
+        if improved:
+            p.best_valid_loss, p.best_step, p.validations_since_best = result["valid_loss"], p.step, 0
+        else:
+            p.validations_since_best += 1
+        if _warmup_lr(self.config, p.step) is None:
+            self.scheduler.step(result["valid_loss"])
+        record = {"step": p.step, "epoch": p.epoch, "train_loss": round(train_loss, 4), **result,
+                  "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1),
+                  "best": improved}
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
+        message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
+                   f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
+        (bar.write if self.progress_bars else print)(message)
+        self.save(best=improved)
+        if stop_reason is None and tc.early_stopping and p.validations_since_best >= tc.early_stopping:
+            stop_reason = f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
+        return stop_reason
+
+
+def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
+    run_dir = Path(config.run_dir)
+    has_state = (run_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise TinytError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+        return run_dir
+    if has_state and not overwrite:
+        raise TinytError(f"run directory {run_dir} already holds a trained run; pass --resume to "
+                         "continue it, --overwrite to start over, or --run-dir for a new one")
+    if has_state and overwrite:
+        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "translations", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(config: Config, overwrite: bool = False, resume: bool = False,
+          progress_bars: bool = True) -> dict[str, Any]:
+    """Train a model as `config` says, writing everything into `config.run_dir`."""
+    tc = config.train
+    set_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    run_dir = prepare_run_dir(config, overwrite, resume)
+    # Read every split before anything else, so a data problem costs no training time.
+    train_text = load_split(config.data, "train")
+    valid_text = load_split(config.data, "valid")
+    if len(train_text) == 0 or len(valid_text) == 0:
+        raise TinytError(f"empty split: {train_text.name if not len(train_text) else valid_text.name}")
+    save_config(config, run_dir / "config.yaml")
+    tokenizers = train_or_load(config.tokenizer, train_text.src, train_text.tgt,
+                               run_dir / "tokenizer", tc.seed)
+    cache = run_dir / "cache"
+    train_data = tokenize(train_text, tokenizers, cache, desc="tokenizing train")
+    valid_data = tokenize(valid_text, tokenizers, cache, desc="tokenizing valid")
+    trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars)
+    if resume:
+        trainer.restore(run_dir / "last.pt")
+    summary = trainer.train()
+    summary.update(parameters=trainer.model.num_parameters(), train_pairs=int(
+        trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir))
+    return summary

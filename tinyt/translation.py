@@ -1,0 +1,90 @@
+"""Translating text with a trained model: tokenize, batch by length, search, detokenize."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinyt.checkpoint import load_trained
+from tinyt.config import DecodingConfig
+from tinyt.hardware import amp_dtype, autocast, resolve_device
+from tinyt.model import Transformer
+from tinyt.search import beam_search, max_output_lengths
+from tinyt.tokenizer import EOS_ID, PAD_ID, Tokenizers
+
+
+class Translator:
+    """A trained model with its tokenizers and decoding settings.
+
+    >>> Translator.from_run("runs/multi30k_de_en").translate(["Ein Hund läuft."], beam_size=5)
+    """
+
+    def __init__(self, model: Transformer, tokenizers: Tokenizers, decoding: DecodingConfig,
+                 device: torch.device | str = "cpu", amp: str = "auto"):
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.tokenizers = tokenizers
+        self.decoding = decoding
+        self.amp_dtype = amp_dtype(amp, self.device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "best.pt",
+                 device: str = "auto") -> Translator:
+        config, tokenizers, model, _ = load_trained(run_dir, checkpoint)
+        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
+
+    def translate(self, sentences: list[str], beam_size: int | None = None,
+                  length_penalty: float | None = None, progress: bool = False) -> list[str]:
+        """Translate `sentences`; the output has one line per input, in input order.
+        Empty or whitespace-only inputs give empty outputs without running the model."""
+        real = [i for i, s in enumerate(sentences) if s.strip()]
+        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
+        out_ids = self.translate_ids(src_ids, beam_size, length_penalty, progress)
+        texts = self.tokenizers.decode_tgt(out_ids) if out_ids else []
+        result = [""] * len(sentences)
+        for i, text in zip(real, texts):
+            result[i] = text
+        return result
+
+    @torch.no_grad()
+    def translate_ids(self, src_ids: list[list[int]], beam_size: int | None = None,
+                      length_penalty: float | None = None, progress: bool = False
+                      ) -> list[list[int]]:
+        """Token ids in (without <eos>), token ids out (without <bos>/<eos>), input order.
+
+        Sentences are decoded longest first in batches of similar length; a source longer than
+        the model's positions allow is cut to fit, with a warning on stderr.
+        """
+        beam = beam_size or self.decoding.beam_size
+        penalty = self.decoding.length_penalty if length_penalty is None else length_penalty
+        max_positions = self.model.config.max_positions
+        too_long = sum(len(ids) + 1 > max_positions for ids in src_ids)
+        if too_long:
+            print(f"warning: {too_long} input sentence(s) longer than the model's "
+                  f"{max_positions - 1} tokens were cut to fit", file=sys.stderr)
+        src_ids = [ids[: max_positions - 1] for ids in src_ids]
+        order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
+        results: list[list[int]] = [[] for _ in src_ids]
+        size = self.decoding.batch_size
+        bar = tqdm(total=len(order), desc=f"decoding (beam {beam})", unit="sent", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(order), size):
+            chunk = order[start: start + size]
+            width = len(src_ids[chunk[0]]) + 1
+            src = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                src[row, : len(src_ids[i])] = torch.tensor(src_ids[i], dtype=torch.long)
+                src[row, len(src_ids[i])] = EOS_ID
+            src = src.to(self.device)
+            max_len = max_output_lengths(src, self.decoding.max_len_ratio,
+                                         self.decoding.max_len_offset, max_positions - 1)
+            with autocast(self.device, self.amp_dtype):
+                hyps = beam_search(self.model, src, max_len, beam, penalty)
+            for i, hyp in zip(chunk, hyps):
+                results[i] = hyp
+            bar.update(len(chunk))
+        bar.close()
+        return results
