@@ -40,8 +40,9 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
         if not bool(done.any()):
             continue
         for r in done.nonzero().flatten().tolist():
-            tokens = prefix[r, 1:].tolist()
-            results[int(rows[r])] = tokens[:-1] if tokens[-1] == EOS_ID else tokens
+            # The last token is <eos>, or stands where the length limit forces <eos>: as in
+            # beam search, a hypothesis has at most max_len - 1 tokens before its <eos>.
+            results[int(rows[r])] = prefix[r, 1:-1].tolist()
         keep = (~done).nonzero().flatten()
         if keep.numel() == 0:
             break

@@ -1,0 +1,129 @@
+"""Shared fixtures: the real Multi30k corpus (read-only, outside the repo), small slices of it
+copied into pytest's tmp folders, and a tiny, fast training config."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data/multi30k from the repository root; never copied into the repo.
+CORPUS_DIR = REPO_ROOT.parent / "shared" / "data" / "multi30k"
+
+# (split name, number of lines kept, written gzipped?)
+SMALL_SLICES = (("train", 200, True), ("val", 50, False), ("test_2016_flickr", 50, True))
+LANGS = ("de", "en")
+
+
+def read_corpus_lines(corpus_dir: Path, split: str, lang: str, n: int | None = None) -> list[str]:
+    """The first `n` lines (all with None) of `{split}.{lang}[.gz]` in the real corpus."""
+    path = corpus_dir / f"{split}.{lang}.gz"
+    if not path.is_file():
+        path = corpus_dir / f"{split}.{lang}"
+    opener = gzip.open if path.suffix == ".gz" else open
+    lines: list[str] = []
+    with opener(path, "rt", encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if n is not None and len(lines) >= n:
+                break
+            lines.append(line.rstrip("\n").rstrip("\r"))
+    return lines
+
+
+def write_lines(path: Path, lines: list[str], gz: bool = False) -> Path:
+    """Write `lines` ('\\n'-terminated, UTF-8) to `path`, gzipped (path + '.gz') when asked."""
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def dump_config(config: dict[str, Any], path: Path) -> Path:
+    """Write a config dict as a YAML file and return its path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def make_small_corpus(corpus_dir: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for split, n, gz in SMALL_SLICES:
+        for lang in LANGS:
+            write_lines(target / f"{split}.{lang}", read_corpus_lines(corpus_dir, split, lang, n),
+                        gz=gz)
+    return target
+
+
+def make_tiny_config(data_dir: Path, run_dir: Path) -> dict[str, Any]:
+    return {
+        "run_dir": str(run_dir),
+        "data": {
+            "src_lang": "de",
+            "tgt_lang": "en",
+            "dir": str(data_dir),
+            "format": "text",
+            "files": {"train": "train", "valid": "val", "test": "test_2016_flickr"},
+            "max_len": 64,
+        },
+        "tokenizer": {"vocab_size": 200, "model_type": "unigram", "joint": True},
+        "model": {
+            "d_model": 32,
+            "n_heads": 2,
+            "enc_layers": 1,
+            "dec_layers": 1,
+            "d_ff": 64,
+            "dropout": 0.1,
+            "tie_embeddings": True,
+            "max_positions": 128,
+        },
+        "train": {
+            "seed": 1,
+            "batch_tokens": 512,
+            "max_epochs": 1,
+            "warmup_steps": 5,
+            "lr": 0.002,
+            "valid_bleu": True,
+            "device": "cpu",
+            "num_threads": 2,
+        },
+        "decoding": {"beam_size": 2, "batch_size": 64, "max_len_offset": 5},
+    }
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    if not (CORPUS_DIR / "val.de.gz").is_file():
+        pytest.skip(f"Multi30k corpus not found at {CORPUS_DIR}")
+    return CORPUS_DIR
+
+
+@pytest.fixture
+def small_corpus(corpus_dir: Path, tmp_path: Path) -> Path:
+    """A folder with train (200 lines, gzipped), val (50, plain) and test_2016_flickr (50,
+    gzipped) slices of Multi30k, de and en."""
+    return make_small_corpus(corpus_dir, tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def module_small_corpus(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same slices as `small_corpus`, shared by every test of a module."""
+    return make_small_corpus(corpus_dir, tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def tiny_config_dict(small_corpus: Path, tmp_path: Path) -> dict[str, Any]:
+    """A very small, fast config over `small_corpus`, run_dir under tmp_path."""
+    return make_tiny_config(small_corpus, tmp_path / "run")
+
+
+@pytest.fixture
+def tiny_config_file(tiny_config_dict: dict[str, Any], tmp_path: Path) -> Path:
+    return dump_config(tiny_config_dict, tmp_path / "tiny.yaml")
