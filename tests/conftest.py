@@ -92,7 +92,7 @@ def make_tiny_config(data_dir: Path, run_dir: Path) -> dict[str, Any]:
             "lr": 0.002,
             "valid_bleu": True,
             "device": "cpu",
-            "num_threads": 2,
+            "num_threads": 1,
         },
         "decoding": {"beam_size": 2, "batch_size": 64, "max_len_offset": 5},
     }
@@ -127,3 +127,22 @@ def tiny_config_dict(small_corpus: Path, tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def tiny_config_file(tiny_config_dict: dict[str, Any], tmp_path: Path) -> Path:
     return dump_config(tiny_config_dict, tmp_path / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    """`write_config(dict, path) -> path`: dump a config dict to a YAML file."""
+    return dump_config
+
+
+@pytest.fixture(scope="session")
+def tiny_config_for():
+    """`tiny_config_for(data_dir, run_dir) -> dict`: the tiny config over any folder, for
+    module-scoped fixtures that cannot use the function-scoped `tiny_config_dict`."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def corpus_lines():
+    """`corpus_lines(corpus_dir, split, lang, n=None) -> list[str]` from the real corpus."""
+    return read_corpus_lines

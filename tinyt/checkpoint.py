@@ -75,7 +75,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not run_dir.is_dir():
         raise TinytError(f"run directory {run_dir} does not exist; pass --run with a trained run")
     try:
-        return load_config(run_dir / "config.yaml")
+        return load_config(run_dir / "config.yaml", check_paths=False)
     except ConfigError as exc:
         raise TinytError(f"run {run_dir} has no usable config.yaml ({exc})") from None
 

@@ -96,27 +96,30 @@ def train(
 
     Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
     """
-    from tinyt.config import load_config
+    from tinyt.config import ConfigError, load_config
     from tinyt.training import train as run_training
 
     if resume is not None:
         if config is not None:
             raise TinytError("--resume uses the run's own config.yaml; drop --config")
-        cfg = load_config(resume / "config.yaml") if resume.is_dir() else None
+        cfg = load_config(resume / "config.yaml", check_paths=False) if resume.is_dir() else None
         if cfg is None:
             raise TinytError(f"cannot resume: {resume} is not a run directory")
         cfg.run_dir = str(resume)
     elif config is None:
         raise TinytError("pass --config FILE (or --resume runs/NAME)")
     else:
-        cfg = load_config(config)
+        cfg = load_config(config, check_paths=False)  # paths checked after the overrides
     if run_dir is not None:
         cfg.run_dir = run_dir
     if data_dir is not None:
         cfg.data.dir = data_dir
     if max_minutes is not None:
         cfg.train.max_minutes = max_minutes
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{config or resume / 'config.yaml'}: {exc}") from None
     summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
     typer.echo(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
@@ -236,7 +239,10 @@ def translate(
                                    progress=len(lines) > 100)
     body = "".join(line + "\n" for line in outputs)
     if output_file is not None:
-        output_file.write_text(body, encoding="utf-8")
+        try:
+            output_file.write_text(body, encoding="utf-8")
+        except OSError as exc:
+            raise TinytError(f"cannot write {output_file}: {exc.strerror}; check the path")
     else:
         sys.stdout.write(body)
         sys.stdout.flush()

@@ -8,6 +8,7 @@ with a `ConfigError` naming the key, before any data is read or anything is trai
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class DataConfig:
     translation_field: str | None = None
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
         _check(self.src_lang != "" and self.tgt_lang != "", "data.src_lang/tgt_lang",
                "must be non-empty language codes")
         _check(self.src_lang != self.tgt_lang or self.src_field != self.tgt_field,
@@ -72,7 +73,7 @@ class DataConfig:
             unknown = [r for r in mapping if r not in SPLIT_ROLES]
             _check(not unknown, name, f"has unknown role(s) {', '.join(unknown)}; "
                    f"use {', '.join(SPLIT_ROLES)}")
-        if self.dir is not None:
+        if check_paths and self.dir is not None:
             _check(Path(self.dir).is_dir(), "data.dir",
                    f"is {self.dir!r}, which is not a folder; point it at the corpus files")
 
@@ -222,9 +223,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """Raise ConfigError for any impossible value; `check_paths` also requires data.dir to
+        exist (off when reloading a finished run, whose corpus may have moved)."""
         _check(self.run_dir != "", "run_dir", "must be a non-empty path")
-        for section in (self.data, self.tokenizer, self.model, self.train, self.decoding):
+        self.data.validate(check_paths)
+        for section in (self.tokenizer, self.model, self.train, self.decoding):
             section.validate()
         _check(self.data.max_len + 1 <= self.model.max_positions, "data.max_len",
                f"is {self.data.max_len}, but sentences plus <bos>/<eos> must fit "
@@ -275,9 +279,21 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if kind is float:
+        # PyYAML (YAML 1.1) reads `5e-4` without a dot as a string: accept numeric strings.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} is too large a number: {str(value)[:20]}...") from None
+        if math.isnan(number):
+            raise ConfigError(f"{key} must be a number, got NaN")
+        return number
     if kind is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -301,14 +317,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def config_from_dict(raw: Any) -> Config:
+def config_from_dict(raw: Any, check_paths: bool = True) -> Config:
     """Build and validate a Config from a parsed YAML mapping."""
     config = _build(Config, raw, "")
-    config.validate()
+    config.validate(check_paths)
     return config
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, check_paths: bool = True) -> Config:
     """Read, type-check and validate a YAML config file; any problem raises ConfigError."""
     path = Path(path)
     if not path.is_file():
@@ -324,7 +340,7 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: {problem}{where}; fix the YAML syntax") from None
     try:
-        return config_from_dict(raw)
+        return config_from_dict(raw, check_paths)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise TinytError(f"cannot read {path}: {exc}; check the file") from None
     try:
         text = data.decode("utf-8")
@@ -236,9 +237,11 @@ def make_batches(data: TokenizedText, indices: torch.Tensor, batch_tokens: int,
     tgt_len = data.tgt_lengths[indices] + 1  # + <bos> (decoder input) or <eos> (target)
     order = (torch.randperm(indices.numel(), generator=generator) if generator is not None
              else torch.arange(indices.numel()))
-    # Sort by target length, then source length; the stable sorts keep the random order of ties.
-    order = order[torch.sort(src_len[order], stable=True).indices]
-    order = order[torch.sort(tgt_len[order], stable=True).indices]
+    # Sort by the longer side (what the budget counts), then target, then source length; the
+    # stable sorts keep the random order of exact ties.
+    longer = torch.maximum(src_len, tgt_len)
+    for key in (src_len, tgt_len, longer):
+        order = order[torch.sort(key[order], stable=True).indices]
     src_sorted, tgt_sorted = src_len[order].tolist(), tgt_len[order].tolist()
     batches: list[torch.Tensor] = []
     start, max_s, max_t = 0, 0, 0

@@ -58,6 +58,9 @@ class Tokenizers:
         meta_path = directory / "meta.json"
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise KeyError("not a mapping")
+            key = str(meta["fingerprint"])
             if meta["joint"]:
                 src = tgt = _load_model(directory / "joint.model")
             else:
@@ -65,9 +68,9 @@ class Tokenizers:
         except FileNotFoundError as exc:
             raise TinytError(f"tokenizer missing in {directory}: {Path(exc.filename).name} not "
                              "found; retrain the run or copy its tokenizer/ folder back") from None
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             raise TinytError(f"{meta_path} is damaged; retrain the run's tokenizer") from None
-        return cls(src, tgt, meta["fingerprint"])
+        return cls(src, tgt, key)
 
 
 def _load_model(path: Path) -> spm.SentencePieceProcessor:
@@ -108,7 +111,7 @@ def _train_model(lines: list[str], prefix: Path, config: TokenizerConfig, seed: 
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             # A corpus too small for the requested size gets a smaller vocabulary, not a crash.
             hard_vocab_limit=False,
-            input_sentence_size=len(lines),
+            input_sentence_size=0,  # all of `lines`, which are already a bounded sample
             max_sentence_length=1 << 16,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,

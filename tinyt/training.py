@@ -280,7 +280,7 @@ def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
         raise TinytError(f"run directory {run_dir} already holds a trained run; pass --resume to "
                          "continue it, --overwrite to start over, or --run-dir for a new one")
     if has_state and overwrite:
-        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "evaluations.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "translations", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
