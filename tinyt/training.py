@@ -136,7 +136,7 @@ class Trainer:
 
     # -- one optimisation step ---------------------------------------------------------------
 
-    def _train_step(self, batch) -> torch.Tensor:
+    def train_step(self, batch) -> torch.Tensor:
         """Forward, backward and update on one batch; returns the summed loss (no host sync)."""
         with autocast(self.device, self.amp):
             hidden = self.forward(batch.src, batch.tgt_in)
@@ -197,7 +197,7 @@ class Trainer:
                 if warm is not None:
                     for group in self.optimizer.param_groups:
                         group["lr"] = warm
-                loss = self._train_step(batch)
+                loss = self.train_step(batch)
                 p.batch_in_epoch += 1
                 loss_since_log += loss
                 tokens_since_log += batch.n_tokens

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Measure tinyt's training and decoding speed on this machine; print JSON and a table.
+
+    python scripts/benchmark.py [--config configs/multi30k_de_en.yaml]
+        [--data-dir ../shared/data/multi30k] [--run runs/NAME] [--json bench.json]
+
+Training: after warm-up steps, the steady-state speed of real optimisation steps on the
+config's model and token batches (target tokens/s, source+target tokens/s, padding share).
+Decoding: greedy and beam search over the validation split, and a full `tinyt evaluate`-style
+pass (loss + beam search + BLEU) over the test split. Decoding uses the weights of `--run` when
+given (a trained model stops at realistic lengths); without one, it uses the briefly trained
+benchmark model, whose hypotheses mostly run to the length limit (a pessimistic number).
+Memory: peak resident set size of the process; on CUDA also peak GPU memory and the achieved
+TFLOP/s of training, counted from the model's shapes (padded positions included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinyt.checkpoint import load_trained  # noqa: E402
+from tinyt.config import Config, ModelConfig, load_config  # noqa: E402
+from tinyt.data import collate, load_split, make_batches, tokenize  # noqa: E402
+from tinyt.evaluation import score_translations, teacher_forced_nll  # noqa: E402
+from tinyt.hardware import set_threads  # noqa: E402
+from tinyt.tokenizer import train_or_load  # noqa: E402
+from tinyt.training import Trainer  # noqa: E402
+from tinyt.translation import Translator  # noqa: E402
+
+
+def forward_flops(m: ModelConfig, vocab: int, batch: int, src_len: int, tgt_len: int) -> float:
+    """Matmul FLOPs of one forward pass over a padded (batch, src_len) x (batch, tgt_len)
+    batch: projections, attention scores and mixing, FFN, output layer (2 FLOPs a MAC)."""
+    d, f = m.d_model, m.d_ff
+    s_tok, t_tok = batch * src_len, batch * tgt_len
+    enc = m.enc_layers * (s_tok * (2 * d * 3 * d + 2 * d * d + 4 * d * f) + 4 * s_tok * src_len * d)
+    dec_self = t_tok * (2 * d * 3 * d + 2 * d * d) + 4 * t_tok * tgt_len * d
+    dec_cross = t_tok * 4 * d * d + s_tok * 4 * d * d + 4 * t_tok * src_len * d
+    dec = m.dec_layers * (dec_self + dec_cross + t_tok * 4 * d * f)
+    return enc + dec + t_tok * 2 * d * vocab
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_training(config: Config, trainer: Trainer, warmup: int, steps: int) -> dict:
+    data = trainer.train_data
+    generator = torch.Generator().manual_seed(config.train.seed)
+    batches = make_batches(data, trainer.train_indices, config.train.batch_tokens, generator)
+    # Padding over a whole epoch's batches, as training sees it.
+    real_src = real_tgt = slots_src = slots_tgt = 0
+    for idx in batches:
+        s = data.src_lengths[idx] + 1
+        t = data.tgt_lengths[idx] + 1
+        real_src += int(s.sum()); real_tgt += int(t.sum())
+        slots_src += len(idx) * int(s.max()); slots_tgt += len(idx) * int(t.max())
+    device = trainer.device
+    trainer.model.train()
+    chosen = batches[: warmup + steps]
+    for idx in chosen[:warmup]:
+        trainer.train_step(collate(data, idx).to(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    tgt_tokens = src_tokens = 0
+    flops = 0.0
+    start = time.perf_counter()
+    for idx in chosen[warmup:]:
+        batch = collate(data, idx)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        trainer.train_step(batch)
+        tgt_tokens += batch.n_tokens
+        src_tokens += int((batch.src != 0).sum())
+        flops += 3 * forward_flops(config.model, trainer.model.tgt_vocab_size, *batch.src.shape,
+                                   batch.tgt_in.size(1))
+    sync(device)
+    seconds = time.perf_counter() - start
+    result = {
+        "train_steps_timed": len(chosen) - warmup,
+        "train_seconds": round(seconds, 2),
+        "train_tgt_tokens_per_s": round(tgt_tokens / seconds, 1),
+        "train_src_tgt_tokens_per_s": round((src_tokens + tgt_tokens) / seconds, 1),
+        "train_batches_per_s": round((len(chosen) - warmup) / seconds, 2),
+        "batches_per_epoch": len(batches),
+        "padding_share_src": round(1 - real_src / slots_src, 4),
+        "padding_share_tgt": round(1 - real_tgt / slots_tgt, 4),
+        "padding_share": round(1 - (real_src + real_tgt) / (slots_src + slots_tgt), 4),
+        "train_mflop_per_tgt_token": round(flops / tgt_tokens / 1e6, 1),
+        "train_achieved_tflops": round(flops / seconds / 1e12, 3),
+    }
+    if device.type == "cuda":
+        result["train_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+def bench_decoding(translator: Translator, sentences: list[str], beam: int, label: str) -> dict:
+    src_ids = translator.tokenizers.encode_src(sentences)
+    translator.translate_ids(src_ids[:64], beam_size=beam)  # warm-up
+    sync(translator.device)
+    start = time.perf_counter()
+    out = translator.translate_ids(src_ids, beam_size=beam)
+    sync(translator.device)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o) + 1 for o in out)
+    return {f"{label}_seconds": round(seconds, 2),
+            f"{label}_sentences_per_s": round(len(sentences) / seconds, 1),
+            f"{label}_tokens_per_s": round(generated / seconds, 1),
+            f"{label}_mean_output_tokens": round(generated / len(sentences), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/multi30k_de_en.yaml")
+    parser.add_argument("--data-dir", default="../shared/data/multi30k")
+    parser.add_argument("--run", help="trained run whose weights the decoding benchmark uses")
+    parser.add_argument("--cache-dir", default="runs/benchmark",
+                        help="where the benchmark keeps its tokenizer and token ids")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: config's)")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    config = load_config(args.config, check_paths=False)
+    config.data.dir = args.data_dir
+    config.run_dir = args.cache_dir
+    if args.device:
+        config.train.device = args.device
+    if args.compile:
+        config.train.compile = True
+    config.validate()
+    threads = set_threads(config.train.num_threads)
+    torch.manual_seed(config.train.seed)
+
+    started = time.perf_counter()
+    cache = Path(args.cache_dir)
+    train_text = load_split(config.data, "train")
+    valid_text = load_split(config.data, "valid")
+    test_text = load_split(config.data, "test")
+    tokenizers = train_or_load(config.tokenizer, train_text.src, train_text.tgt,
+                               cache / "tokenizer", config.train.seed)
+    train_data = tokenize(train_text, tokenizers, cache / "cache")
+    valid_data = tokenize(valid_text, tokenizers, cache / "cache")
+    trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt,
+                      progress_bars=False)
+    results: dict = {"config": args.config, "device": str(trainer.device),
+                     "torch": torch.__version__, "threads": threads,
+                     "parameters": trainer.model.num_parameters(),
+                     "amp": str(trainer.amp).replace("torch.", "") if trainer.amp else "none",
+                     "compile": config.train.compile,
+                     "setup_seconds": round(time.perf_counter() - started, 1)}
+    if trainer.device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(trainer.device)
+    print(f"training {args.warmup_steps}+{args.train_steps} steps ...", file=sys.stderr)
+    results.update(bench_training(config, trainer, args.warmup_steps, args.train_steps))
+
+    if args.run:
+        run_config, run_tokenizers, model, _ = load_trained(args.run)
+        translator = Translator(model, run_tokenizers, run_config.decoding, trainer.device,
+                                run_config.train.amp)
+        results["decoding_weights"] = args.run
+    else:
+        translator = Translator(trainer.model, tokenizers, config.decoding, trainer.device,
+                                config.train.amp)
+        results["decoding_weights"] = "benchmark model (untrained: outputs run long)"
+    print("decoding validation split (greedy, beam 5) ...", file=sys.stderr)
+    results.update(bench_decoding(translator, valid_text.src, 1, "greedy"))
+    results.update(bench_decoding(translator, valid_text.src, 5, "beam5"))
+
+    print("evaluating the test split ...", file=sys.stderr)
+    sync(translator.device)
+    start = time.perf_counter()
+    test_data = tokenize(test_text, translator.tokenizers)
+    nll, _ = teacher_forced_nll(translator.model, test_data, config.train.batch_tokens,
+                                translator.device, translator.amp_dtype)
+    hyps = translator.translate(test_text.src, beam_size=5)
+    scores = score_translations(hyps, test_text.tgt)
+    results["test_eval_seconds"] = round(time.perf_counter() - start, 2)
+    results["test_bleu_beam5"] = scores["bleu"]
+    results["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if trainer.device.type == "cuda":
+        results["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    rows = [
+        ("device", f"{results['device']} ({results.get('gpu', f'{threads} threads')})"),
+        ("training tgt tokens/s", results["train_tgt_tokens_per_s"]),
+        ("training src+tgt tokens/s", results["train_src_tgt_tokens_per_s"]),
+        ("padding share (src/tgt)",
+         f"{results['padding_share_src']:.1%} / {results['padding_share_tgt']:.1%}"),
+        ("training TFLOP/s", results["train_achieved_tflops"]),
+        ("greedy sentences/s (tokens/s)",
+         f"{results['greedy_sentences_per_s']} ({results['greedy_tokens_per_s']})"),
+        ("beam-5 sentences/s (tokens/s)",
+         f"{results['beam5_sentences_per_s']} ({results['beam5_tokens_per_s']})"),
+        ("test evaluation (1,000 sent.) s", results["test_eval_seconds"]),
+        ("peak RSS MiB", results["peak_rss_mib"]),
+    ]
+    if "peak_gpu_mib" in results:
+        rows.append(("peak GPU MiB", results["peak_gpu_mib"]))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
