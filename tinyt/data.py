@@ -281,21 +281,26 @@ class Batch:
                      self.n_tokens)
 
 
+def _gather_padded(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                   width: int) -> torch.Tensor:
+    """(B, width) int64: row b holds flat[starts[b]: starts[b] + lengths[b]], then padding.
+    One gather for the whole batch: a Python loop over sentences costs more than a GPU step."""
+    if flat.numel() == 0:
+        return torch.full((starts.numel(), width), PAD_ID, dtype=torch.long)
+    positions = torch.arange(width)
+    real = positions[None, :] < lengths[:, None]
+    index = (starts[:, None] + positions[None, :]).clamp_(max=flat.numel() - 1)
+    return torch.where(real, flat[index].long(), PAD_ID)
+
+
 def collate(data: TokenizedText, indices: torch.Tensor) -> Batch:
     """Build the padded tensors for the pairs `indices` of `data`."""
-    idx = indices.tolist()
-    src_len = (data.src_lengths[indices] + 1).tolist()
-    tgt_len = (data.tgt_lengths[indices] + 1).tolist()
-    src = torch.full((len(idx), max(src_len)), PAD_ID, dtype=torch.long)
-    tgt_in = torch.full((len(idx), max(tgt_len)), PAD_ID, dtype=torch.long)
-    tgt_out = torch.full((len(idx), max(tgt_len)), PAD_ID, dtype=torch.long)
-    for row, i in enumerate(idx):
-        s, t = data.src(i), data.tgt(i)
-        n_s, n_t = s.numel(), t.numel()
-        src[row, :n_s] = s
-        src[row, n_s] = EOS_ID
-        tgt_in[row, 0] = BOS_ID
-        tgt_in[row, 1: n_t + 1] = t
-        tgt_out[row, :n_t] = t
-        tgt_out[row, n_t] = EOS_ID
-    return Batch(src, tgt_in, tgt_out, int(sum(tgt_len)))
+    rows = torch.arange(indices.numel())
+    src_len, tgt_len = data.src_lengths[indices], data.tgt_lengths[indices]
+    src = _gather_padded(data.src_ids, data.src_offsets[indices], src_len, int(src_len.max()) + 1)
+    src[rows, src_len] = EOS_ID
+    # body: y1 … yn then padding, one column wider than the longest target
+    body = _gather_padded(data.tgt_ids, data.tgt_offsets[indices], tgt_len, int(tgt_len.max()) + 1)
+    tgt_in = torch.cat([torch.full((rows.numel(), 1), BOS_ID, dtype=torch.long), body[:, :-1]], 1)
+    body[rows, tgt_len] = EOS_ID
+    return Batch(src, tgt_in, body, int(tgt_len.sum()) + rows.numel())

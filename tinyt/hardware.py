@@ -23,6 +23,20 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise TinytError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
+def configure_backends(device: torch.device) -> None:
+    """Kernel choices for variable-shape NMT work on CUDA.
+
+    Every batch and every decoding step has a new (batch, length) shape. cuDNN's attention
+    builds an execution plan per shape (hundreds of ms each, measured on an H100), so it is
+    switched off; the memory-efficient and flash SDPA kernels need no per-shape set-up.
+    TF32 is allowed for the float32 matmuls left outside autocast.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `setting` (auto/none/bf16/fp16) on `device`, or None for fp32.
 

@@ -23,7 +23,8 @@ from tinyt.data import (TokenizedText, collate, load_split, make_batches, tokeni
                         trainable_indices)
 from tinyt.errors import TinytError
 from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
-from tinyt.hardware import amp_dtype, autocast, resolve_device, set_threads
+from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
+                            set_threads)
 from tinyt.model import Transformer
 from tinyt.tokenizer import PAD_ID, Tokenizers, train_or_load
 from tinyt.translation import Translator
@@ -77,11 +78,14 @@ class Trainer:
         self.progress_bars = progress_bars
         tc = config.train
         self.device = resolve_device(tc.device)
+        configure_backends(self.device)
         self.amp = amp_dtype(tc.amp, self.device)
         self.model: Transformer = build_model(config, tokenizers).to(self.device)
         self.forward = torch.compile(self.model) if tc.compile else self.model
+        # On CUDA, the fused kernel updates all parameters in a few launches instead of many.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas,
-                                          eps=tc.eps, weight_decay=tc.weight_decay)
+                                          eps=tc.eps, weight_decay=tc.weight_decay,
+                                          fused=self.device.type == "cuda")
         if tc.warmup_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = _warmup_lr(config, 1)
@@ -110,10 +114,13 @@ class Trainer:
         }
 
     def save(self, best: bool) -> None:
+        """Write last.pt (everything resume needs) and, if `best`, best.pt (what inference
+        needs: weights and metadata, no optimizer state, a third of the size)."""
         payload = self._payload()
         save_checkpoint(payload, self.run_dir / "last.pt")
         if best:
-            save_checkpoint(payload, self.run_dir / "best.pt")
+            keep = ("model", "progress", "tokenizer_fingerprint", "config")
+            save_checkpoint({k: payload[k] for k in keep}, self.run_dir / "best.pt")
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `save`: weights, optimizer, schedules, RNGs

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from tinyt.checkpoint import load_trained
 from tinyt.config import DecodingConfig
-from tinyt.hardware import amp_dtype, autocast, resolve_device
+from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
 from tinyt.search import beam_search, max_output_lengths
 from tinyt.tokenizer import EOS_ID, PAD_ID, Tokenizers
@@ -25,6 +25,7 @@ class Translator:
     def __init__(self, model: Transformer, tokenizers: Tokenizers, decoding: DecodingConfig,
                  device: torch.device | str = "cpu", amp: str = "auto"):
         self.device = torch.device(device) if isinstance(device, str) else device
+        configure_backends(self.device)
         self.model = model.to(self.device).eval()
         self.tokenizers = tokenizers
         self.decoding = decoding
