@@ -97,7 +97,7 @@ def train(
     Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
     """
     from tinyt.config import ConfigError, load_config
-    from tinyt.training import train as run_training
+    from tinyt.training import TrainingInterrupted, train as run_training
 
     if resume is not None:
         if config is not None:
@@ -120,7 +120,11 @@ def train(
         cfg.validate()
     except ConfigError as exc:
         raise ConfigError(f"{config or resume / 'config.yaml'}: {exc}") from None
-    summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
+    try:
+        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
+    except TrainingInterrupted as stop:
+        typer.echo(f"interrupted by {stop}", err=True)
+        raise typer.Exit(128 + stop.signum)
     typer.echo(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
         f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "

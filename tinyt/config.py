@@ -162,6 +162,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     valid_every: int = 0  # validate every N steps; 0: at the end of every epoch
     valid_bleu: bool = True  # greedy-decode the validation split and report BLEU
+    checkpoint_every: int = 0  # also save last.pt every N steps; 0: only at validations
+    max_nonfinite_steps: int = 10  # stop after this many non-finite updates in a row
     log_every: int = 20  # steps between progress-bar updates (each costs a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
@@ -187,6 +189,9 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.valid_every >= 0, "train.valid_every", "must be >= 0 (0: every epoch)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every",
+               "must be >= 0 (0: only at validations)")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", f"is {self.device!r}; use auto, cpu, cuda or cuda:N")
         _check(self.amp in ("auto", "none", "bf16", "fp16"), "train.amp",

@@ -8,6 +8,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,44 @@ class Progress:
     best_valid_loss: float = math.inf
     best_step: int = 0
     validations_since_best: int = 0
+    window_loss: float = 0.0  # summed training loss since the last validation
+    window_tokens: int = 0  # target tokens behind window_loss
+    nonfinite_steps: int = 0  # updates skipped because the loss or gradients were not finite
+    nonfinite_in_a_row: int = 0
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the current step was finished and last.pt saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped after step {step}, saved {run_dir / 'last.pt'}; "
+                         f"continue with: tinyt train --resume {run_dir}")
+
+
+class _SignalFlag:
+    """While active, SIGINT and SIGTERM only set `received`, so the loop can finish its step
+    and save before leaving. A second Ctrl-C falls back to the default behaviour."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        self.received = signum
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -143,8 +183,14 @@ class Trainer:
 
     # -- one optimisation step ---------------------------------------------------------------
 
-    def train_step(self, batch) -> torch.Tensor:
-        """Forward, backward and update on one batch; returns the summed loss (no host sync)."""
+    def train_step(self, batch) -> tuple[torch.Tensor, bool]:
+        """Forward, backward and update on one batch.
+
+        Returns the summed loss (a device tensor: no host sync for it) and whether the update
+        was applied: with a non-finite loss or gradient norm the update is skipped, so one bad
+        batch cannot poison the weights or Adam's moments. That check is the step's one host
+        sync.
+        """
         with autocast(self.device, self.amp):
             hidden = self.forward(batch.src, batch.tgt_in)
             logits = self.model.logits(hidden)
@@ -153,12 +199,20 @@ class Trainer:
             label_smoothing=self.config.train.label_smoothing, reduction="sum")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss_sum / batch.n_tokens).backward()
-        if self.config.train.clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.clip_norm)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.train.clip_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips overflowing updates itself and lowers its scale; only a
+            # non-finite loss counts as a bad step.
+            self.scaler.step(self.optimizer)
+            finite = bool(torch.isfinite(loss_sum))
+        else:
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                self.optimizer.step()
         self.scaler.update()
-        return loss_sum.detach()
+        return loss_sum.detach(), finite
 
     # -- validation --------------------------------------------------------------------------
 
@@ -180,79 +234,112 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
+        """Train until a limit (epochs, steps, minutes, early stopping) is reached.
+
+        Raises TrainingInterrupted on SIGINT/SIGTERM (after finishing the step and saving
+        last.pt) and TinytError after too many non-finite updates in a row.
+        """
         tc = self.config.train
         p = self.progress
-        metrics_path = self.run_dir / "metrics.jsonl"
         start = time.monotonic()
         deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
         stop_reason = None
-        tokens_since_log, loss_since_log = 0, torch.zeros((), device=self.device)
-        log_tokens_total, log_loss_total = 0, torch.zeros((), device=self.device)
+        # Loss of the steps since the last progress-bar update, kept on the device.
+        pending_loss, pending_tokens = torch.zeros((), device=self.device), 0
         log_time = time.monotonic()
+
+        def flush_pending() -> None:
+            nonlocal pending_tokens
+            p.window_loss += float(pending_loss)
+            p.window_tokens += pending_tokens
+            pending_loss.zero_()
+            pending_tokens = 0
+
         self.model.train()
-        while stop_reason is None and p.epoch < tc.max_epochs:
-            generator = torch.Generator().manual_seed(tc.seed * 100_003 + p.epoch)
-            batches = make_batches(self.train_data, self.train_indices, tc.batch_tokens, generator)
-            bar = tqdm(total=len(batches), initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}",
-                       unit="batch", disable=not self.progress_bars, dynamic_ncols=True)
-            for idx in batches[p.batch_in_epoch:]:
-                batch = collate(self.train_data, idx)
-                if self.device.type == "cuda":
-                    batch = batch.pin_memory().to(self.device, non_blocking=True)
-                p.step += 1
-                warm = _warmup_lr(self.config, p.step)
-                if warm is not None:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = warm
-                loss = self.train_step(batch)
-                p.batch_in_epoch += 1
-                loss_since_log += loss
-                tokens_since_log += batch.n_tokens
-                bar.update(1)
-                if p.step % tc.log_every == 0:
-                    now = time.monotonic()
-                    bar.set_postfix(loss=f"{float(loss_since_log) / tokens_since_log:.3f}",
-                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                    tok_s=f"{tokens_since_log / (now - log_time):.0f}")
-                    log_loss_total += loss_since_log
-                    log_tokens_total += tokens_since_log
-                    loss_since_log.zero_()
-                    tokens_since_log, log_time = 0, now
-                end_of_epoch = p.batch_in_epoch == len(batches)
-                if end_of_epoch:
-                    p.epoch += 1
-                    p.batch_in_epoch = 0
-                if tc.max_steps and p.step >= tc.max_steps:
-                    stop_reason = f"reached train.max_steps={tc.max_steps}"
-                elif time.monotonic() >= deadline:
-                    stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
-                due = (tc.valid_every and p.step % tc.valid_every == 0) or \
-                    (not tc.valid_every and end_of_epoch)
-                if due or stop_reason is not None:
-                    log_loss_total += loss_since_log
-                    log_tokens_total += tokens_since_log
-                    loss_since_log.zero_()
-                    tokens_since_log = 0
-                    stop_reason = self._validate_and_save(
-                        metrics_path, float(log_loss_total) / max(log_tokens_total, 1), start,
-                        log_tokens_total, stop_reason, bar)
-                    log_loss_total.zero_()
-                    log_tokens_total = 0
-                    log_time = time.monotonic()
-                if stop_reason is not None or end_of_epoch:
-                    break
-            bar.close()
+        with _SignalFlag() as signals:
+            while stop_reason is None and p.epoch < tc.max_epochs:
+                generator = torch.Generator().manual_seed(tc.seed * 100_003 + p.epoch)
+                batches = make_batches(self.train_data, self.train_indices, tc.batch_tokens,
+                                       generator)
+                bar = tqdm(total=len(batches), initial=p.batch_in_epoch,
+                           desc=f"epoch {p.epoch + 1}", unit="batch",
+                           disable=not self.progress_bars, dynamic_ncols=True)
+                for idx in batches[p.batch_in_epoch:]:
+                    batch = collate(self.train_data, idx)
+                    if self.device.type == "cuda":
+                        batch = batch.pin_memory().to(self.device, non_blocking=True)
+                    p.step += 1
+                    warm = _warmup_lr(self.config, p.step)
+                    if warm is not None:
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = warm
+                    loss, finite = self.train_step(batch)
+                    p.batch_in_epoch += 1
+                    bar.update(1)
+                    if finite:
+                        p.nonfinite_in_a_row = 0
+                        pending_loss += loss
+                        pending_tokens += batch.n_tokens
+                    else:
+                        p.nonfinite_steps += 1
+                        p.nonfinite_in_a_row += 1
+                        if p.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                            bar.close()
+                            raise TinytError(
+                                f"{p.nonfinite_in_a_row} updates in a row had a non-finite loss "
+                                f"or gradient (at step {p.step}); stopped. The last good "
+                                f"checkpoints are in {self.run_dir}; lower train.lr or raise "
+                                "train.warmup_steps, then --resume or start over")
+                    if p.step % tc.log_every == 0:
+                        now = time.monotonic()
+                        tokens = pending_tokens
+                        loss_value = float(pending_loss) / max(tokens, 1)
+                        flush_pending()
+                        postfix = {"loss": f"{loss_value:.3f}",
+                                   "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                   "tok_s": f"{tokens / max(now - log_time, 1e-9):.0f}"}
+                        if p.nonfinite_steps:
+                            postfix["skipped"] = p.nonfinite_steps
+                        bar.set_postfix(postfix)
+                        log_time = now
+                    end_of_epoch = p.batch_in_epoch == len(batches)
+                    if end_of_epoch:
+                        p.epoch += 1
+                        p.batch_in_epoch = 0
+                    if tc.max_steps and p.step >= tc.max_steps:
+                        stop_reason = f"reached train.max_steps={tc.max_steps}"
+                    elif time.monotonic() >= deadline:
+                        stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
+                    due = (tc.valid_every and p.step % tc.valid_every == 0) or \
+                        (not tc.valid_every and end_of_epoch)
+                    if due or stop_reason is not None:
+                        flush_pending()
+                        stop_reason = self._validate_and_save(start, stop_reason, bar) or stop_reason
+                        log_time = time.monotonic()
+                    elif signals.received is not None or (
+                            tc.checkpoint_every and p.step % tc.checkpoint_every == 0):
+                        flush_pending()
+                        self.save(best=False)
+                    if signals.received is not None:
+                        bar.close()
+                        raise TrainingInterrupted(signals.received, p.step, self.run_dir)
+                    if stop_reason is not None or end_of_epoch:
+                        break
+                bar.close()
         if stop_reason is None:
             stop_reason = f"reached train.max_epochs={tc.max_epochs}"
         return {"stop_reason": stop_reason, "steps": p.step, "epochs": p.epoch,
                 "best_valid_loss": p.best_valid_loss, "best_step": p.best_step,
+                "nonfinite_steps": p.nonfinite_steps,
                 "minutes": (time.monotonic() - start) / 60}
 
-    def _validate_and_save(self, metrics_path: Path, train_loss: float, start: float,
-                           tokens: int, stop_reason: str | None, bar) -> str | None:
+    def _validate_and_save(self, start: float, stop_reason: str | None, bar) -> str | None:
+        """Validate, log a metrics line, step the plateau schedule, save; returns a reason to
+        stop early, if any."""
         tc = self.config.train
         p = self.progress
         elapsed = time.monotonic() - start
+        train_loss = p.window_loss / max(p.window_tokens, 1)
         result = self.validate()
         improved = result["valid_loss"] < p.best_valid_loss
         if improved:
@@ -264,16 +351,34 @@ class Trainer:
         record = {"step": p.step, "epoch": p.epoch, "train_loss": round(train_loss, 4), **result,
                   "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1),
                   "best": improved}
-        with open(metrics_path, "a", encoding="utf-8") as f:
+        if p.nonfinite_steps:
+            record["nonfinite_steps"] = p.nonfinite_steps
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
         message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
                    f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
         (bar.write if self.progress_bars else print)(message)
+        p.window_loss, p.window_tokens = 0.0, 0
         self.save(best=improved)
         if stop_reason is None and tc.early_stopping and p.validations_since_best >= tc.early_stopping:
-            stop_reason = f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
-        return stop_reason
+            return f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
+        return None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines after `step`: a run killed between logging a validation and saving
+    its checkpoint redoes that validation on resume and must not log it twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
@@ -316,6 +421,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars)
     if resume:
         trainer.restore(run_dir / "last.pt")
+        _trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     summary = trainer.train()
     summary.update(parameters=trainer.model.num_parameters(), train_pairs=int(
         trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir))

@@ -1,0 +1,285 @@
+"""Kills, signals, bad updates, interrupted saves and hostile input never lose or corrupt work."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tinyt.checkpoint as checkpoint_module
+from tinyt.checkpoint import load_checkpoint, save_checkpoint
+from tinyt.config import config_from_dict
+from tinyt.errors import TinytError
+from tinyt.model import Transformer
+from tinyt.training import train
+from tinyt.translation import Translator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def long_run_config(tiny_config_for, data_dir: Path, run_dir: Path) -> dict:
+    """Long enough (a few seconds) to be killed mid-way; a checkpoint every 7 steps."""
+    raw = tiny_config_for(data_dir, run_dir)
+    raw["train"].update(max_epochs=100, max_steps=240, batch_tokens=256, checkpoint_every=7,
+                        valid_every=50, valid_bleu=False, log_every=5)
+    return raw
+
+
+def tinyt_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinyt", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def start_and_wait_for_checkpoint(config_path: Path, run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tinyt", "train", "--config", str(config_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.02)
+    return proc
+
+
+def same_weights(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for key in ("step", "epoch", "batch_in_epoch", "best_valid_loss", "best_step"):
+        assert ca["progress"][key] == cb["progress"][key], key
+    assert ca["model"].keys() == cb["model"].keys()
+    for name, tensor in ca["model"].items():
+        assert torch.equal(tensor, cb["model"][name]), name
+    if "optimizer" in ca:  # last.pt; best.pt holds weights only
+        for (_, sa), (_, sb) in zip(sorted(ca["optimizer"]["state"].items()),
+                                    sorted(cb["optimizer"]["state"].items())):
+            assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(module_small_corpus, tiny_config_for, write_config, tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("reference")
+    raw = long_run_config(tiny_config_for, module_small_corpus, root / "run")
+    result = tinyt_cli("train", "--config", write_config(raw, root / "config.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "run"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(
+        seed, reference_run, module_small_corpus, tiny_config_for, write_config, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(long_run_config(tiny_config_for, module_small_corpus, run_dir),
+                          tmp_path / "config.yaml")
+    proc = start_and_wait_for_checkpoint(config, run_dir)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "finished before the kill: make the run longer"
+    killed_at = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    assert 0 < killed_at < 240
+    result = tinyt_cli("train", "--resume", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    same_weights(reference_run / "last.pt", run_dir / "last.pt")
+    same_weights(reference_run / "best.pt", run_dir / "best.pt")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert steps == [50, 100, 150, 200, 240]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_143(
+        reference_run, module_small_corpus, tiny_config_for, write_config, tmp_path):
+    run_dir = tmp_path / "run"
+    raw = long_run_config(tiny_config_for, module_small_corpus, run_dir)
+    raw["train"]["checkpoint_every"] = 1000  # only the signal and validations save
+    raw["train"]["valid_every"] = 20
+    config = write_config(raw, tmp_path / "config.yaml")
+    proc = start_and_wait_for_checkpoint(config, run_dir)
+    first = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert f"tinyt train --resume {run_dir}" in stderr
+    stopped = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    assert stopped >= first
+    result = tinyt_cli("train", "--resume", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = load_checkpoint(run_dir / "last.pt")
+    assert final["progress"]["step"] == 240
+
+
+def small_trainer_config(data_dir: Path, run_dir: Path, tiny_config_for, **train) -> object:
+    raw = tiny_config_for(data_dir, run_dir)
+    raw["train"].update({"max_epochs": 100, "valid_bleu": False, "valid_every": 1000, **train})
+    return config_from_dict(raw)
+
+
+def poison_logits(monkeypatch, bad_steps):
+    """Make the model's training-mode logits NaN on the given (1-based) training steps."""
+    calls = {"n": 0}
+    original = Transformer.logits
+
+    def logits(self, hidden):
+        out = original(self, hidden)
+        if self.training:
+            calls["n"] += 1
+            if bad_steps(calls["n"]):
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "logits", logits)
+
+
+def test_nonfinite_updates_are_skipped_and_counted(small_corpus, tiny_config_for, tmp_path,
+                                                   monkeypatch):
+    config = small_trainer_config(small_corpus, tmp_path / "run", tiny_config_for, max_steps=30)
+    poison_logits(monkeypatch, lambda step: step in (5, 6, 7))
+    summary = train(config, progress_bars=False)
+    assert summary["steps"] == 30 and summary["nonfinite_steps"] == 3
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["progress"]["nonfinite_steps"] == 3
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    for state in last["optimizer"]["state"].values():
+        assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert metrics[-1]["nonfinite_steps"] == 3 and metrics[-1]["valid_loss"] < 100
+
+
+def test_persistent_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
+        small_corpus, tiny_config_for, tmp_path, monkeypatch):
+    config = small_trainer_config(small_corpus, tmp_path / "run", tiny_config_for,
+                                  max_steps=100, checkpoint_every=5, max_nonfinite_steps=4)
+    poison_logits(monkeypatch, lambda step: step > 12)
+    with pytest.raises(TinytError, match="non-finite"):
+        train(config, progress_bars=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["progress"]["step"] == 15  # the checkpoint at step 15 had 3 bad steps: allowed
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "progress": {"step": 1}}, path)
+    real_save = torch.save
+
+    def save_half_then_die(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "progress": {"step": 2}}, path)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    loaded = load_checkpoint(path)
+    assert loaded["progress"]["step"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "progress": {"step": 1}}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(TinytError, match="No space left on device.*intact"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "progress": {"step": 2}}, path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert load_checkpoint(path)["progress"]["step"] == 1
+
+
+def test_truncated_foreign_and_future_checkpoints_are_clear_errors(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model": {"w": torch.randn(1000)}, "progress": {"step": 3}}, good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TinytError, match="damaged"):
+        load_checkpoint(truncated)
+    future = tmp_path / "future.pt"
+    torch.save({"format_version": 99, "model": {}}, future)
+    with pytest.raises(TinytError, match="format version 99"):
+        load_checkpoint(future)
+    foreign = tmp_path / "foreign.pt"
+    torch.save([1, 2, 3], foreign)
+    with pytest.raises(TinytError, match="not a tinyt checkpoint"):
+        load_checkpoint(foreign)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/tinyt-pwned",))
+
+
+def test_a_checkpoint_cannot_execute_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": {}, "payload": Evil()}, path)
+    with pytest.raises(TinytError, match="damaged or not a tinyt checkpoint"):
+        load_checkpoint(path)
+    assert not Path("/tmp/tinyt-pwned").exists()
+
+
+@pytest.fixture(scope="module")
+def translator(module_small_corpus, tiny_config_for, tmp_path_factory):
+    raw = tiny_config_for(module_small_corpus, tmp_path_factory.mktemp("tr") / "run")
+    raw["model"]["max_positions"] = 64
+    raw["data"]["max_len"] = 40
+    raw["train"]["valid_bleu"] = False
+    config = config_from_dict(raw)
+    train(config, progress_bars=False)
+    return Translator.from_run(config.run_dir, device="cpu")
+
+
+line = st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(line, st.sampled_from(["", " ", "\t \t", "\x00\x07\x1b[31m",
+                                                        "🐕🐕 ∂∑ 中文 ‮evil‬", "a\u2028b"])),
+                      max_size=6))
+def test_translate_never_fails_and_keeps_alignment(translator, lines):
+    out = translator.translate(lines, beam_size=2)
+    assert len(out) == len(lines)
+    for src, hyp in zip(lines, out):
+        assert isinstance(hyp, str) and "\n" not in hyp
+        if not src.strip():
+            assert hyp == ""
+
+
+def test_translate_overlong_input_is_cut_with_a_warning(translator, capsys):
+    long_line = " ".join(["Ein großer Hund läuft schnell"] * 200)
+    out = translator.translate([long_line, "Ein Hund."], beam_size=2)
+    assert len(out) == 2
+    assert "cut to fit" in capsys.readouterr().err
+
+
+def test_translate_thousands_of_lines(translator):
+    lines = [f"Ein Mann mit {i} Hunden." if i % 7 else "" for i in range(3000)]
+    out = translator.translate(lines, beam_size=1)
+    assert len(out) == 3000
+    assert all(out[i] == "" for i in range(0, 3000, 7))
+
+
+def test_resume_trims_metrics_written_after_the_last_checkpoint(
+        small_corpus, tiny_config_for, tmp_path):
+    config = small_trainer_config(small_corpus, tmp_path / "run", tiny_config_for,
+                                  max_steps=10, valid_every=5)
+    train(config, progress_bars=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    # as if killed after logging a validation at step 15 but before its checkpoint was saved
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 15, "valid_loss": 1.0}) + "\n" + '{"step": 2')
+    config.train.max_steps = 15
+    train(config, resume=True, progress_bars=False)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [5, 10, 15]
