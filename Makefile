@@ -26,5 +26,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Training/decoding speed, padding and memory; RUN=runs/NAME decodes with a trained model.
+bench: $(STAMP)
+	$(BIN)/python scripts/benchmark.py --config $(CONFIG) --data-dir $(or $(DATA),../shared/data/multi30k) $(if $(RUN),--run $(RUN)) $(ARGS)
+
 clean-venv:
 	rm -rf $(VENV)
