@@ -94,8 +94,9 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(
     assert steps == [50, 100, 150, 200, 240]
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_143(
-        reference_run, module_small_corpus, tiny_config_for, write_config, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_saves_and_exits(
+        sig, code, module_small_corpus, tiny_config_for, write_config, tmp_path):
     run_dir = tmp_path / "run"
     raw = long_run_config(tiny_config_for, module_small_corpus, run_dir)
     raw["train"]["checkpoint_every"] = 1000  # only the signal and validations save
@@ -104,9 +105,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(
     proc = start_and_wait_for_checkpoint(config, run_dir)
     first = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.returncode == code, stderr[-2000:]
     assert f"tinyt train --resume {run_dir}" in stderr
     stopped = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
     assert stopped >= first
@@ -229,6 +230,10 @@ def test_a_checkpoint_cannot_execute_code(tmp_path):
     assert not Path("/tmp/tinyt-pwned").exists()
 
 
+def translator_run_dir(translator) -> Path:
+    return translator.run_dir
+
+
 @pytest.fixture(scope="module")
 def translator(module_small_corpus, tiny_config_for, tmp_path_factory):
     raw = tiny_config_for(module_small_corpus, tmp_path_factory.mktemp("tr") / "run")
@@ -237,7 +242,9 @@ def translator(module_small_corpus, tiny_config_for, tmp_path_factory):
     raw["train"]["valid_bleu"] = False
     config = config_from_dict(raw)
     train(config, progress_bars=False)
-    return Translator.from_run(config.run_dir, device="cpu")
+    translator = Translator.from_run(config.run_dir, device="cpu")
+    translator.run_dir = Path(config.run_dir)
+    return translator
 
 
 line = st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
@@ -283,3 +290,27 @@ def test_resume_trims_metrics_written_after_the_last_checkpoint(
     train(config, resume=True, progress_bars=False)
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == [5, 10, 15]
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    from tinyt.config import ConfigError, load_config
+
+    path = tmp_path / "evil.yaml"
+    path.write_text("run_dir: !!python/object/apply:os.system ['touch /tmp/tinyt-yaml-pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+    assert not Path("/tmp/tinyt-yaml-pwned").exists()
+
+
+def test_evaluate_on_a_misaligned_split_names_both_files(translator, tmp_path):
+    from typer.testing import CliRunner
+
+    from tinyt.cli import app
+
+    (tmp_path / "bad.de").write_text("Ein Hund.\nZwei Hunde.\n", encoding="utf-8")
+    (tmp_path / "bad.en").write_text("A dog.\n", encoding="utf-8")
+    run_dir = translator_run_dir(translator)
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--split", "bad",
+                                      "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "bad.de has 2 lines but" in result.output and "bad.en has 1" in result.output
