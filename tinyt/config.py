@@ -164,6 +164,7 @@ class TrainConfig:
     valid_bleu: bool = True  # greedy-decode the validation split and report BLEU
     checkpoint_every: int = 0  # also save last.pt every N steps; 0: only at validations
     max_nonfinite_steps: int = 10  # stop after this many non-finite updates in a row
+    keep_checkpoints: int = 5  # weights of the last N validations as ckpt-STEP.pt (for averaging)
     log_every: int = 20  # steps between progress-bar updates (each costs a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
@@ -192,6 +193,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every",
                "must be >= 0 (0: only at validations)")
         _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: none)")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", f"is {self.device!r}; use auto, cpu, cuda or cuda:N")
         _check(self.amp in ("auto", "none", "bf16", "fp16"), "train.amp",
