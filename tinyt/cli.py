@@ -1,7 +1,7 @@
 """The `tinyt` command line: parses arguments, calls the library, prints results.
 
-Every user-fixable problem surfaces as one `error: ...` line on stderr and exit code 2.
-Set TINYT_TRACEBACK=1 to see the full traceback of an unexpected error.
+Every user-fixable problem surfaces as one `error: ...` line on stderr and exit code 2;
+`tinyt --verbose COMMAND` (or TINYT_TRACEBACK=1) adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +31,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Set by the top-level --verbose option for the command being run.
+_session = {"verbose": False}
+
+
+def _verbose() -> bool:
+    return _session["verbose"] or bool(os.environ.get("TINYT_TRACEBACK"))
+
+
 def friendly_errors(command):
     """Turn TinytError into one line and exit code 2; Ctrl-C into exit code 130."""
 
@@ -38,6 +47,8 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except TinytError as exc:
+            if _verbose():
+                traceback.print_exc()
             _fail(str(exc))
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -45,12 +56,15 @@ def friendly_errors(command):
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug: still one line, with a way to see more
-            if os.environ.get("TINYT_TRACEBACK"):
-                raise
-            _fail(f"unexpected {type(exc).__name__}: {exc} (set TINYT_TRACEBACK=1 for the "
-                  "traceback and please report it)", code=1)
+            if _verbose():
+                traceback.print_exc()
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the "
+                  "traceback, and please report it)", code=1)
 
     return wrapper
+
+
+SET_HELP = "Override a config value, e.g. --set train.lr=0.001 (repeatable; YAML values)."
 
 
 def _version(value: bool) -> None:
@@ -63,8 +77,14 @@ def _version(value: bool) -> None:
 def main_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the traceback along with an error."),
 ) -> None:
-    """Train, evaluate and use small encoder-decoder Transformer translation models."""
+    """Train, evaluate and use small encoder-decoder Transformer translation models.
+
+    Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
+    """
+    _session["verbose"] = verbose
 
 
 def _find_run(run: Optional[Path]) -> Path:
@@ -91,12 +111,13 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start an existing run over."),
     max_minutes: Optional[float] = typer.Option(
         None, "--max-minutes", help="Wall-clock training budget (overrides train.max_minutes)."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Train a model from a YAML config.
 
     Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
     """
-    from tinyt.config import ConfigError, load_config
+    from tinyt.config import ConfigError, load_config, override_config
     from tinyt.training import TrainingInterrupted, train as run_training
 
     if resume is not None:
@@ -110,6 +131,7 @@ def train(
         raise TinytError("pass --config FILE (or --resume runs/NAME)")
     else:
         cfg = load_config(config, check_paths=False)  # paths checked after the overrides
+    cfg = override_config(cfg, overrides or [], check_paths=False)
     if run_dir is not None:
         cfg.run_dir = run_dir
     if data_dir is not None:
@@ -142,12 +164,14 @@ def evaluate(
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Loss, perplexity, BLEU and chrF of a trained run on a split.
 
     Example: tinyt evaluate --run runs/multi30k_de_en --split test --beam 5
     """
     from tinyt.checkpoint import load_trained
+    from tinyt.config import override_config
     from tinyt.data import load_split, tokenize
     from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
     from tinyt.hardware import set_threads
@@ -155,9 +179,11 @@ def evaluate(
 
     run = _find_run(run)
     config, tokenizers, model, payload = load_trained(run, checkpoint)
+    config = override_config(config, overrides or [], check_paths=False)
     set_threads(config.train.num_threads)
     if data_dir is not None:
         config.data.dir = data_dir
+    if config.data.dir is not None:
         config.data.validate()
     text = load_split(config.data, split)
     if len(text) == 0:
@@ -206,6 +232,21 @@ def _read_text_lines(stream) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
+def _stdin_lines():
+    """Lines of stdin as they arrive; bytes that are not UTF-8 become U+FFFD."""
+    for raw in sys.stdin.buffer:
+        yield raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+
+
+def stream_translations(translator, lines, out, beam: Optional[int],
+                        length_penalty: Optional[float]) -> None:
+    """Translate each line as soon as it arrives and write it at once (interactive use)."""
+    for line in lines:
+        out.write(translator.translate([line], beam_size=beam, length_penalty=length_penalty)[0]
+                  + "\n")
+        out.flush()
+
+
 @app.command()
 @friendly_errors
 def translate(
@@ -218,27 +259,38 @@ def translate(
     output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here."),
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Translate sentences, one output line per input line.
 
+    Sentences come from the arguments, --input FILE, or stdin ('-' or a pipe). Typed at a
+    terminal, each line is translated as soon as it is entered.
+
     Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
     """
+    from tinyt.checkpoint import load_trained
+    from tinyt.config import override_config
     from tinyt.translation import Translator
 
+    if input_file is not None and text:
+        raise TinytError("give either sentences or --input FILE, not both")
+    if input_file is not None and not input_file.is_file():
+        raise TinytError(f"input file {input_file} does not exist")
+    interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
+    config, tokenizers, model, _ = load_trained(_find_run(run), checkpoint)
+    config = override_config(config, overrides or [], check_paths=False)
+    translator = Translator(model, tokenizers, config.decoding, _device(device), config.train.amp)
+    if interactive:
+        typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)
+        stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty)
+        return
     if input_file is not None:
-        if text:
-            raise TinytError("give either sentences or --input FILE, not both")
-        if not input_file.is_file():
-            raise TinytError(f"input file {input_file} does not exist")
         with open(input_file, "rb") as f:
             lines = _read_text_lines(f)
     elif text and text != ["-"]:
         lines = list(text)
-    elif text == ["-"] or not sys.stdin.isatty():
-        lines = _read_text_lines(sys.stdin.buffer)
     else:
-        raise TinytError("nothing to translate: give sentences, '-' for stdin, or --input FILE")
-    translator = Translator.from_run(_find_run(run), checkpoint, device=device)
+        lines = _read_text_lines(sys.stdin.buffer)
     outputs = translator.translate(lines, beam_size=beam, length_penalty=length_penalty,
                                    progress=len(lines) > 100)
     body = "".join(line + "\n" for line in outputs)
@@ -250,6 +302,52 @@ def translate(
     else:
         sys.stdout.write(body)
         sys.stdout.flush()
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Check and show config files.")
+app.add_typer(config_app, name="config")
+
+
+def _load_config_with_overrides(path: Path, overrides: Optional[List[str]]):
+    from tinyt.config import ConfigError, load_config, override_config
+
+    config = load_config(path, check_paths=False)
+    config = override_config(config, overrides or [], check_paths=False)
+    try:
+        config.validate()  # now with the paths, as train would
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+@config_app.command("validate")
+@friendly_errors
+def config_validate(
+    path: Path = typer.Argument(..., help="YAML config file."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Check a config file (types, values, data folder) without training.
+
+    Example: tinyt config validate configs/multi30k_de_en.yaml --set train.lr=0.001
+    """
+    _load_config_with_overrides(path, overrides)
+    typer.echo(f"{path}: valid")
+
+
+@config_app.command("show")
+@friendly_errors
+def config_show(
+    path: Path = typer.Argument(..., help="YAML config file."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Print the fully resolved config: every key, defaults included, overrides applied.
+
+    Example: tinyt config show configs/tiny.yaml --set model.d_model=128
+    """
+    import yaml
+
+    config = _load_config_with_overrides(path, overrides)
+    typer.echo(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), nl=False)
 
 
 def main() -> None:

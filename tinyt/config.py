@@ -352,5 +352,39 @@ def load_config(path: str | Path, check_paths: bool = True) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `section.key=value` items (values in YAML syntax) into a raw config mapping; the
+    result is then typed and validated like a file, so a bad key or value is a ConfigError."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. train.lr=0.001")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a "
+                                  "section")
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def override_config(config: Config, overrides: list[str], check_paths: bool = True) -> Config:
+    """A new Config: `config` with `--set` overrides applied, validated."""
+    if not overrides:
+        return config
+    try:
+        return config_from_dict(apply_overrides(config.to_dict(), overrides), check_paths)
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
