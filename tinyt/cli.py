@@ -304,6 +304,50 @@ def translate(
         sys.stdout.flush()
 
 
+@app.command()
+@friendly_errors
+def plot(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="PNG to write (default: RUN/curves.png)."),
+) -> None:
+    """Learning curves of a run from its metrics.jsonl: loss, perplexity, BLEU, learning rate.
+
+    Example: tinyt plot --run runs/multi30k_de_en -o curves.png
+    """
+    from tinyt.plotting import plot_learning_curves
+
+    run = _find_run(run)
+    typer.echo(f"wrote {plot_learning_curves(run, output or run / 'curves.png')}")
+
+
+@app.command()
+@friendly_errors
+def attention(
+    sentence: str = typer.Argument(..., help="Source sentence to translate and picture."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="PNG to write (default: RUN/attention.png)."),
+    layer: int = typer.Option(-1, "--layer", help="Decoder layer from 0; negative: from the end."),
+    head: int = typer.Option(0, "--head", help="Attention head, from 0."),
+    beam: int = typer.Option(1, "--beam", min=1, help="Beam size of the translation (1: greedy)."),
+    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Translate one sentence and draw a decoder layer/head's cross- and self-attention.
+
+    Example: tinyt attention "Ein Hund läuft." --run runs/multi30k_de_en --layer -1 --head 0
+    """
+    from tinyt.plotting import plot_attention
+    from tinyt.translation import Translator
+
+    run = _find_run(run)
+    translator = Translator.from_run(run, checkpoint=checkpoint, device=device)
+    path = plot_attention(translator, sentence, output or run / "attention.png", layer=layer,
+                          head=head, beam_size=beam)
+    typer.echo(f"wrote {path}")
+
+
 config_app = typer.Typer(no_args_is_help=True, help="Check and show config files.")
 app.add_typer(config_app, name="config")
 

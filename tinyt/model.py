@@ -37,11 +37,30 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        # Set to a list to record attention probabilities (see `forward`); None, the default,
+        # keeps the fused SDPA kernel, which never materialises them.
+        self.capture: list[torch.Tensor] | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, L, D) -> (B, H, L, Dh)
         b, length, _ = x.shape
         return x.view(b, length, self.n_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                       is_causal: bool) -> torch.Tensor:
+        """softmax(QK^T / sqrt(Dh)) with SDPA's masking: q (B, H, L, Dh), k (B, H, S, Dh) ->
+        float32 (B, H, L, S). Every row keeps at least one key (<eos> in the source, the
+        query's own position under the causal mask), so no row is all -inf."""
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
+        if is_causal:
+            # SDPA's is_causal is the top-left aligned lower triangle: query i sees keys <= i.
+            length, keys = scores.shape[-2:]
+            future = torch.ones(length, keys, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the memory for cross-attention: (B, S, D) -> 2 x (B, H, S, Dh)."""
@@ -65,6 +84,9 @@ class MultiHeadAttention(nn.Module):
         cache: for incremental self-attention, a list holding [keys, values] (B, H, t, Dh) of
             the earlier positions (empty at the first step); this call's keys/values are
             appended, and queries attend to all cached positions.
+        When `self.capture` is a list, the attention probabilities (B, H, L, S) are computed
+        explicitly, appended to it and used for the output, which then equals the SDPA path's
+        within float rounding; masked positions get exactly 0.
         """
         if memory_kv is None:
             q, k, v = self.in_proj(x).chunk(3, dim=-1)
@@ -79,10 +101,16 @@ class MultiHeadAttention(nn.Module):
             bias = self.in_proj.bias[: self.d_model]
             q = self._split_heads(F.linear(x, w, bias))
             k, v = memory_kv
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )
+        if self.capture is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+            )
+        else:
+            probs = self._probabilities(q, k, mask, is_causal)
+            self.capture.append(probs.detach())
+            probs = F.dropout(probs, self.attn_dropout, self.training)
+            out = probs.to(v.dtype) @ v
         b, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.d_model))
 
@@ -274,6 +302,36 @@ class Transformer(nn.Module):
         for layer in self.decoder:
             y = layer(y, layer.cross_attn.project_kv(memory), src_mask)
         return self.dec_norm(y)
+
+    @torch.no_grad()
+    def attention_maps(self, src: torch.Tensor, tgt_in: torch.Tensor
+                       ) -> dict[str, list[torch.Tensor]]:
+        """Attention probabilities of a teacher-forced pass (in eval mode, so no dropout).
+
+        src: (B, S) ids ending with <eos>; tgt_in: (B, T) starting with <bos>. Returns float32
+        tensors, one per layer, first layer first:
+            "encoder_self": enc_layers x (B, H, S, S)
+            "decoder_self": dec_layers x (B, H, T, T), exactly 0 above the diagonal
+            "cross":        dec_layers x (B, H, T, S), exactly 0 at source padding
+        Each row sums to 1 over the keys (the last dimension).
+        """
+        maps: dict[str, list[torch.Tensor]] = {"encoder_self": [], "decoder_self": [],
+                                               "cross": []}
+        # Modules of one kind share a list: layers run in order, so index i is layer i.
+        modules = ([(layer.self_attn, maps["encoder_self"]) for layer in self.encoder]
+                   + [(layer.self_attn, maps["decoder_self"]) for layer in self.decoder]
+                   + [(layer.cross_attn, maps["cross"]) for layer in self.decoder])
+        was_training = self.training
+        self.eval()
+        try:
+            for module, sink in modules:
+                module.capture = sink
+            self(src, tgt_in)
+        finally:
+            for module, _ in modules:
+                module.capture = None
+            self.train(was_training)
+        return maps
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) unnormalised scores over the target vocabulary."""
