@@ -4,6 +4,8 @@ A run directory holds:
     config.yaml            the resolved config the run was trained with
     tokenizer/             SentencePiece model(s) and meta.json (tinyt.tokenizer)
     best.pt, last.pt       checkpoints: best validation loss, latest state
+    ckpt-STEP.pt           weights of the last `train.keep_checkpoints` validations
+    averaged.pt            their average, written by `average_checkpoints`
     metrics.jsonl          one JSON line per validation
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it loads with
 `torch.load(weights_only=True)`: nothing in it can execute code.
@@ -12,6 +14,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +28,24 @@ from tinyt.tokenizer import Tokenizers
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write `payload` so that `path` is always either the old file or the complete new one:
-    write a temporary file beside it, flush and fsync it, then rename it over `path`."""
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj)` so that `path` is always either the old file or the complete new one:
+    write a temporary file beside it, flush and fsync it, then rename it over `path`.
+
+    Raises OSError (with the temporary file removed) when the write fails; callers turn it into
+    a message that fits what they were saving.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise TinytError(f"could not save checkpoint {path}: {exc.strerror or exc}; the previous "
-                         "checkpoint is intact (free disk space, then resume)") from None
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -48,6 +54,16 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write `payload`, stamped with the checkpoint format version, atomically to `path`."""
+    path = Path(path)
+    try:
+        atomic_torch_save({"format_version": FORMAT_VERSION, **payload}, path)
+    except OSError as exc:
+        raise TinytError(f"could not save checkpoint {path}: {exc.strerror or exc}; the previous "
+                         "checkpoint is intact (free disk space, then resume)") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -104,3 +120,125 @@ def load_trained(run_dir: str | Path, checkpoint: str = "best.pt"
                          f"({first}); was config.yaml edited after training?") from None
     model.eval()
     return config, tokenizers, model, payload
+
+
+# -- validation checkpoints and averaging ---------------------------------------------------
+
+# Training writes the weights of each validation as ckpt-STEP.pt; the step in the name orders
+# them (a lexical sort would put ckpt-1000 before ckpt-200).
+_VALIDATION_CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
+
+
+def validation_checkpoint_name(step: int) -> str:
+    return f"ckpt-{step}.pt"
+
+
+def validation_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The `(step, path)` of every ckpt-STEP.pt in `run_dir`, oldest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _VALIDATION_CHECKPOINT.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_validation_checkpoints(run_dir: str | Path, keep: int, current_step: int) -> None:
+    """Delete validation checkpoints so that only the newest `keep` up to `current_step` remain.
+
+    Files for steps after `current_step` are deleted too: training never saves those steps
+    before reaching them, so such a file is left over from an earlier run in the same folder
+    and would otherwise crowd out this run's own checkpoints.
+    """
+    existing = validation_checkpoints(run_dir)
+    stale = [path for step, path in existing if step > current_step]
+    ours = [path for step, path in existing if step <= current_step]
+    for path in stale + ours[: max(len(ours) - keep, 0)]:
+        path.unlink(missing_ok=True)
+
+
+def average_checkpoints(run_dir: str | Path, n: int, out_name: str = "averaged.pt") -> Path:
+    """Average the weights of the newest `n` ckpt-STEP.pt files of a run into `out_name`.
+
+    Averaging the last few validation checkpoints usually scores a little better than any one
+    of them. The result is a weights-only checkpoint like best.pt, written into the run
+    directory, so `load_trained(run_dir, out_name)` (and `tinyt evaluate --checkpoint
+    averaged.pt`) use it like any other. Its progress is that of the newest checkpoint, and
+    `averaged_steps` lists the steps that went into it.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if n < 1:
+        raise TinytError(f"cannot average {n} checkpoints; pass a number >= 1")
+    if Path(out_name).name != out_name or _VALIDATION_CHECKPOINT.fullmatch(out_name) \
+            or out_name in ("last.pt", "best.pt"):
+        raise TinytError(f"{out_name!r} cannot hold the average: use a plain file name other "
+                         "than last.pt, best.pt and ckpt-STEP.pt, e.g. averaged.pt")
+    available = validation_checkpoints(run_dir)
+    if len(available) < n:
+        keep = config.train.keep_checkpoints
+        have = (f"has only {len(available)} validation checkpoint(s) (ckpt-STEP.pt)" if available
+                else "has no validation checkpoints (ckpt-STEP.pt)")
+        more = f"train (or resume) with train.keep_checkpoints >= {n}"
+        fix = f"Average fewer (-n {len(available)}) or {more}" if available else more.capitalize()
+        raise TinytError(f"cannot average {n} checkpoints: {run_dir} {have}; training keeps the "
+                         f"last train.keep_checkpoints={keep} of them. {fix}")
+    chosen = available[-n:]
+
+    # Sum in float64 one checkpoint at a time: memory stays at two copies of the weights, and
+    # rounding does not depend on the order of the files.
+    _, first_path = chosen[0]
+    first = load_checkpoint(first_path)
+    fingerprint, reference = first.get("tokenizer_fingerprint"), first["model"]
+    aliases = _shared_tensor_names(reference)
+    total = {name: t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
+             for name, t in reference.items() if name not in aliases}
+    newest = first
+    for step, path in chosen[1:]:
+        payload = load_checkpoint(path)
+        weights = payload["model"]
+        if payload.get("tokenizer_fingerprint") != fingerprint:
+            raise TinytError(f"{path.name} and {first_path.name} were trained with different "
+                             "vocabularies and cannot be averaged; delete the checkpoints left "
+                             "over from another run")
+        if weights.keys() != reference.keys() or any(
+                weights[name].shape != reference[name].shape for name in weights):
+            raise TinytError(f"{path.name} and {first_path.name} hold models of different shapes "
+                             "and cannot be averaged; delete the checkpoints left over from "
+                             "another run")
+        for name in total:
+            t = weights[name]
+            if t.is_floating_point():
+                total[name] += t.to(torch.float64)
+            else:  # integer buffers (none today) count things rather than weigh: keep the newest
+                total[name] = t.clone()
+        newest = payload
+
+    averaged = {name: (t / n).to(reference[name].dtype) if t.is_floating_point() else t
+                for name, t in total.items()}
+    for name, original in aliases.items():
+        averaged[name] = averaged[original]
+    averaged = {name: averaged[name] for name in reference}  # the checkpoints' key order
+    out_path = run_dir / out_name
+    save_checkpoint({"model": averaged, "progress": newest["progress"],
+                     "tokenizer_fingerprint": fingerprint, "config": newest.get("config"),
+                     "averaged_steps": [step for step, _ in chosen]}, out_path)
+    return out_path
+
+
+def _shared_tensor_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """`{alias: original}` for entries of a state dict that are the same tensor as an earlier
+    entry (tied embeddings appear under two names); averaging them once and sharing the result
+    keeps the average the size of the checkpoints it came from."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases

@@ -165,20 +165,23 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    model_file: Optional[Path] = typer.Option(
+        None, "--model", "-m", help="Model bundle (from tinyt export) instead of --run."),
 ) -> None:
     """Loss, perplexity, BLEU and chrF of a trained run on a split.
 
     Example: tinyt evaluate --run runs/multi30k_de_en --split test --beam 5
     """
-    from tinyt.checkpoint import load_trained
+    from tinyt.bundle import load_for_inference
     from tinyt.config import override_config
     from tinyt.data import load_split, tokenize
     from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
     from tinyt.hardware import set_threads
     from tinyt.translation import Translator
 
-    run = _find_run(run)
-    config, tokenizers, model, payload = load_trained(run, checkpoint)
+    if model_file is None:
+        run = _find_run(run)
+    config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
     config = override_config(config, overrides or [], check_paths=False)
     set_threads(config.train.num_threads)
     if data_dir is not None:
@@ -197,17 +200,21 @@ def evaluate(
     hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
                                 progress=True)
     scores = score_translations(hyps, text.tgt)
-    out_dir = run / "translations"
-    out_dir.mkdir(exist_ok=True)
+    # Results go into the run directory; for a bundle, into a folder beside it (model.tinyt.eval/).
+    out_root = run if model_file is None else model_file.with_name(model_file.name + ".eval")
+    if model_file is not None:
+        checkpoint = f"{model_file.name} ({payload['source']['checkpoint']})"
+    out_dir = out_root / "translations"
+    out_dir.mkdir(parents=True, exist_ok=True)
     hyp_path = out_dir / f"{split}.beam{beam}.{config.data.tgt_lang}"
     hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result = {"split": split, "sentences": len(text), "checkpoint": checkpoint,
               "step": payload["progress"]["step"], "beam": beam, "loss": round(nll, 4),
               "ppl": round(perplexity(nll), 3), "target_tokens": n_tokens, **scores,
               "hypotheses": str(hyp_path)}
-    with open(run / "evaluations.jsonl", "a", encoding="utf-8") as f:
+    with open(out_root / "evaluations.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(result) + "\n")
-    typer.echo(f"{run} {split} ({len(text)} sentences, {checkpoint} step {result['step']}, "
+    typer.echo(f"{model_file or run} {split} ({len(text)} sentences, {checkpoint} step {result['step']}, "
                f"beam {beam})")
     typer.echo(f"  loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
     typer.echo(f"  {scores['bleu_detail']}")
@@ -260,6 +267,8 @@ def translate(
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    model_file: Optional[Path] = typer.Option(
+        None, "--model", "-m", help="Model bundle (from tinyt export) instead of --run."),
 ) -> None:
     """Translate sentences, one output line per input line.
 
@@ -268,7 +277,7 @@ def translate(
 
     Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
     """
-    from tinyt.checkpoint import load_trained
+    from tinyt.bundle import load_for_inference
     from tinyt.config import override_config
     from tinyt.translation import Translator
 
@@ -277,7 +286,9 @@ def translate(
     if input_file is not None and not input_file.is_file():
         raise TinytError(f"input file {input_file} does not exist")
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
-    config, tokenizers, model, _ = load_trained(_find_run(run), checkpoint)
+    if model_file is None:
+        run = _find_run(run)
+    config, tokenizers, model, _ = load_for_inference(run, model_file, checkpoint)
     config = override_config(config, overrides or [], check_paths=False)
     translator = Translator(model, tokenizers, config.decoding, _device(device), config.train.amp)
     if interactive:
@@ -392,6 +403,66 @@ def config_show(
 
     config = _load_config_with_overrides(path, overrides)
     typer.echo(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), nl=False)
+
+
+
+@app.command()
+@friendly_errors
+def export(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Bundle file to write, e.g. model.tinyt."),
+    checkpoint: str = typer.Option("best.pt", "--checkpoint",
+                                   help="Checkpoint of the run to export (e.g. averaged.pt)."),
+) -> None:
+    """Write a trained model, its config and vocabularies into one file.
+
+    Example: tinyt export --run runs/multi30k_de_en -o model.tinyt
+    """
+    from tinyt.bundle import export_bundle
+
+    path = export_bundle(_find_run(run), output, checkpoint)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); use it with "
+               f"tinyt translate --model {path}")
+
+
+@app.command()
+@friendly_errors
+def average(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    n: int = typer.Option(5, "-n", "--last", min=1, help="How many of the newest ckpt-STEP.pt."),
+    output: str = typer.Option("averaged.pt", "--output", "-o",
+                               help="File name of the average, inside the run directory."),
+) -> None:
+    """Average the weights of the last N validation checkpoints into one checkpoint.
+
+    Example: tinyt average --run runs/multi30k_de_en -n 5
+    """
+    from tinyt.checkpoint import average_checkpoints, load_checkpoint
+
+    run = _find_run(run)
+    path = average_checkpoints(run, n, output)
+    steps = load_checkpoint(path)["averaged_steps"]
+    typer.echo(f"wrote {path}: the average of steps {', '.join(map(str, steps))}")
+    typer.echo(f"next: tinyt evaluate --run {run} --checkpoint {path.name}")
+
+
+@app.command()
+@friendly_errors
+def info(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model bundle file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise a run or a model bundle: size, vocabulary, settings, best scores, files.
+
+    Example: tinyt info --run runs/multi30k_de_en   (or: tinyt info --model model.tinyt)
+    """
+    from tinyt.bundle import format_run_info, run_info
+
+    if run is not None and model is not None:
+        raise TinytError("pass either --run or --model, not both")
+    summary = run_info(model if model is not None else _find_run(run))
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_run_info(summary))
 
 
 def main() -> None:

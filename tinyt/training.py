@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tinyt.checkpoint import build_model, load_checkpoint, save_checkpoint
+from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
+                              save_checkpoint, validation_checkpoint_name)
 from tinyt.config import Config, save_config
 from tinyt.data import (TokenizedText, collate, load_split, make_batches, tokenize,
                         trainable_indices)
@@ -153,14 +154,27 @@ class Trainer:
             "config": self.config.to_dict(),
         }
 
-    def save(self, best: bool) -> None:
-        """Write last.pt (everything resume needs) and, if `best`, best.pt (what inference
-        needs: weights and metadata, no optimizer state, a third of the size)."""
+    def save(self, best: bool, validation: bool = False) -> None:
+        """Write last.pt (everything resume needs); if `best`, best.pt (what inference needs:
+        weights and metadata, no optimizer state, a third of the size); and if `validation`
+        (a save right after validating, not a periodic or signal one) the same weights as
+        ckpt-STEP.pt, keeping the newest `train.keep_checkpoints` of those for averaging.
+
+        last.pt is written last: a kill before it is renamed into place resumes from the
+        previous last.pt, redoes these steps bit for bit and rewrites the other files with the
+        same weights, so they never run ahead of or fall behind the resumable state.
+        """
         payload = self._payload()
-        save_checkpoint(payload, self.run_dir / "last.pt")
+        weights_only = {k: payload[k] for k in ("model", "progress", "tokenizer_fingerprint",
+                                                "config")}
+        keep = self.config.train.keep_checkpoints
+        if validation and keep:
+            step = self.progress.step
+            save_checkpoint(weights_only, self.run_dir / validation_checkpoint_name(step))
+            prune_validation_checkpoints(self.run_dir, keep, step)
         if best:
-            keep = ("model", "progress", "tokenizer_fingerprint", "config")
-            save_checkpoint({k: payload[k] for k in keep}, self.run_dir / "best.pt")
+            save_checkpoint(weights_only, self.run_dir / "best.pt")
+        save_checkpoint(payload, self.run_dir / "last.pt")
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `save`: weights, optimizer, schedules, RNGs
@@ -360,7 +374,7 @@ class Trainer:
                    f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
         (bar.write if self.progress_bars else print)(message)
         p.window_loss, p.window_tokens = 0.0, 0
-        self.save(best=improved)
+        self.save(best=improved, validation=True)
         if stop_reason is None and tc.early_stopping and p.validations_since_best >= tc.early_stopping:
             return f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
         return None
@@ -392,8 +406,10 @@ def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
         raise TinytError(f"run directory {run_dir} already holds a trained run; pass --resume to "
                          "continue it, --overwrite to start over, or --run-dir for a new one")
     if has_state and overwrite:
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "evaluations.jsonl"):
+        for name in ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl", "evaluations.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
+        for old in run_dir.glob("ckpt-*.pt"):
+            old.unlink()
         shutil.rmtree(run_dir / "translations", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from tinyt.bundle import load_bundle
 from tinyt.checkpoint import load_trained
 from tinyt.config import DecodingConfig
+from tinyt.errors import TinytError
 from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
 from tinyt.search import beam_search, max_output_lengths
@@ -17,9 +20,10 @@ from tinyt.tokenizer import EOS_ID, PAD_ID, Tokenizers
 
 
 class Translator:
-    """A trained model with its tokenizers and decoding settings.
+    """A trained model with its tokenizers and decoding settings. For example:
 
-    >>> Translator.from_run("runs/multi30k_de_en").translate(["Ein Hund läuft."], beam_size=5)
+        translator = Translator.load("runs/multi30k_de_en")  # or a bundle: "model.tinyt"
+        translator.translate(["Ein Hund läuft.", "Zwei Katzen."], beam_size=5)  # two lines
     """
 
     def __init__(self, model: Transformer, tokenizers: Tokenizers, decoding: DecodingConfig,
@@ -32,15 +36,46 @@ class Translator:
         self.amp_dtype = amp_dtype(amp, self.device)
 
     @classmethod
+    def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"
+             ) -> Translator:
+        """A translator from a run directory (using its `checkpoint`) or a bundle file made by
+        `tinyt export` (which holds one checkpoint, so `checkpoint` does not apply)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_run(path, checkpoint, device)
+        if path.is_file():
+            return cls.from_bundle(path, device)
+        raise TinytError(f"{path} does not exist; pass a run directory (runs/NAME) or a model "
+                         "bundle file made by `tinyt export`")
+
+    @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best.pt",
                  device: str = "auto") -> Translator:
         config, tokenizers, model, _ = load_trained(run_dir, checkpoint)
         return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
 
-    def translate(self, sentences: list[str], beam_size: int | None = None,
-                  length_penalty: float | None = None, progress: bool = False) -> list[str]:
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str = "auto") -> Translator:
+        config, tokenizers, model, _ = load_bundle(path)
+        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
+
+    def translate(self, sentences: str | Sequence[str], beam_size: int | None = None,
+                  length_penalty: float | None = None, progress: bool = False, *,
+                  beam: int | None = None) -> str | list[str]:
         """Translate `sentences`; the output has one line per input, in input order.
-        Empty or whitespace-only inputs give empty outputs without running the model."""
+        Empty or whitespace-only inputs give empty outputs without running the model.
+
+        A single string gives a single string (rather than translating it character by
+        character). `beam` is another name for `beam_size`; None uses the decoding config's.
+        """
+        if beam is not None:
+            if beam_size is not None and beam_size != beam:
+                raise TypeError(f"translate() got beam_size={beam_size} and beam={beam}; "
+                                "pass one of them")
+            beam_size = beam
+        if isinstance(sentences, str):
+            return self.translate([sentences], beam_size, length_penalty, progress)[0]
+        sentences = list(sentences)
         real = [i for i, s in enumerate(sentences) if s.strip()]
         src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
         out_ids = self.translate_ids(src_ids, beam_size, length_penalty, progress)
@@ -59,7 +94,9 @@ class Translator:
         Sentences are decoded longest first in batches of similar length; a source longer than
         the model's positions allow is cut to fit, with a warning on stderr.
         """
-        beam = beam_size or self.decoding.beam_size
+        beam = self.decoding.beam_size if beam_size is None else beam_size
+        if beam < 1:
+            raise TinytError(f"beam size {beam} is impossible; use 1 (greedy) or more")
         penalty = self.decoding.length_penalty if length_penalty is None else length_penalty
         max_positions = self.model.config.max_positions
         too_long = sum(len(ids) + 1 > max_positions for ids in src_ids)

@@ -1,0 +1,339 @@
+"""One-file model bundles, and a summary of a trained run or bundle.
+
+A run directory is what training needs; a bundle is what translating needs, in one file that
+can be copied anywhere: the weights of one checkpoint, the run's resolved config, the
+SentencePiece model(s) as bytes, the tokenizer fingerprint, the checkpoint's progress and a
+summary of the run's validations. Like a checkpoint it holds only tensors, numbers, strings,
+lists and dicts, so it loads with `torch.load(weights_only=True)` and cannot run code.
+
+    export_bundle("runs/multi30k_de_en", "model.tinyt")
+    config, tokenizers, model, payload = load_bundle("model.tinyt")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+
+from tinyt import __version__
+from tinyt.checkpoint import (atomic_torch_save, build_model, load_run_config, load_trained,
+                              validation_checkpoints)
+from tinyt.config import Config, ConfigError, config_from_dict
+from tinyt.errors import TinytError
+from tinyt.model import Transformer
+from tinyt.tokenizer import Tokenizers
+
+BUNDLE_FORMAT = "tinyt-bundle"  # the marker that tells a bundle from a checkpoint
+BUNDLE_VERSION = 1  # raised whenever a new tinyt writes bundles an older one cannot read
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def export_bundle(run_dir: str | Path, out_path: str | Path, checkpoint: str = "best.pt") -> Path:
+    """Write `checkpoint` of the trained run in `run_dir`, with everything needed to translate,
+    into the single file `out_path` (atomically; missing parent folders are created)."""
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    config, tokenizers, model, payload = load_trained(run_dir, checkpoint)
+    if out_path.is_dir():
+        raise TinytError(f"{out_path} is a folder; pass the bundle's file name, e.g. "
+                         f"{out_path / 'model.tinyt'}")
+    protected = {(run_dir / name).resolve() for name in ("last.pt", "best.pt", checkpoint)}
+    protected.update(path.resolve() for _, path in validation_checkpoints(run_dir))
+    if out_path.resolve() in protected:
+        raise TinytError(f"writing the bundle to {out_path} would replace a checkpoint of the "
+                         "run; choose another file name, e.g. model.tinyt")
+
+    # Tokenizers.load gives a joint vocabulary as one processor serving both sides.
+    joint = tokenizers.src is tokenizers.tgt
+    sides = {"joint": tokenizers.src} if joint else {"src": tokenizers.src,
+                                                      "tgt": tokenizers.tgt}
+    # Bytes as uint8 tensors rather than Python bytes: weights_only loading accepts tensors.
+    spm_models = {name: _bytes_to_tensor(processor.serialized_model_proto())
+                  for name, processor in sides.items()}
+    weights = model.state_dict()
+    config_dict = config.to_dict()
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "bundle_version": BUNDLE_VERSION,
+        "tinyt_version": __version__,
+        "model": weights,
+        "config": config_dict,
+        "tokenizer": {"joint": joint, "models": spm_models},
+        "tokenizer_fingerprint": tokenizers.fingerprint,
+        "progress": dict(payload.get("progress") or {}),
+        "source": {"run_dir": str(run_dir), "checkpoint": checkpoint,
+                   "averaged_steps": list(payload.get("averaged_steps") or [])},
+        "metrics": _metrics_summary(run_dir / "metrics.jsonl"),
+        "checksum": _checksum(weights, spm_models, config_dict),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_torch_save(bundle, out_path)
+    except OSError as exc:
+        raise TinytError(f"could not write model bundle {out_path}: {exc.strerror or exc}; "
+                         "free disk space or choose another path") from None
+    return out_path
+
+
+def _bytes_to_tensor(data: bytes) -> torch.Tensor:
+    # frombuffer shares the bytearray's memory; clone so the tensor owns its storage.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().numpy().tobytes()
+
+
+def _checksum(weights: dict[str, torch.Tensor], spm_models: dict[str, torch.Tensor],
+              config: dict[str, Any]) -> str:
+    """SHA-256 of the weights, tokenizer bytes and config.
+
+    torch.load notices a truncated file but not flipped bits inside a tensor, which would
+    silently give a worse model; this hash makes such damage a clear error instead.
+    """
+    h = hashlib.sha256()
+    for group in (weights, spm_models):
+        for name in sorted(group):
+            tensor = group[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def load_bundle(path: str | Path) -> tuple[Config, Tokenizers, Transformer, dict[str, Any]]:
+    """Config, tokenizers and model (in eval mode, on the CPU) rebuilt from a bundle, and the
+    bundle's payload. A missing, foreign, damaged or too new file raises TinytError."""
+    path = Path(path)
+    if path.is_dir():
+        raise TinytError(f"{path} is a folder, not a model bundle; pass a run directory as "
+                         "--run (or export it with `tinyt export`)")
+    if not path.is_file():
+        raise TinytError(f"model bundle {path} not found; make one with "
+                         f"`tinyt export --run runs/NAME -o {path}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TinytError(f"{path} is damaged or not a tinyt model bundle ({reason}); export "
+                         "the bundle again") from None
+    _check_marker(path, payload)
+    damaged = (f"{path} is damaged (its contents do not match its checksum or are incomplete); "
+               "export the bundle again")
+    try:
+        tok = payload["tokenizer"]
+        spm_models = tok["models"]
+        if payload["checksum"] != _checksum(payload["model"], spm_models, payload["config"]):
+            raise TinytError(damaged)
+        config = config_from_dict(payload["config"], check_paths=False)
+        if tok["joint"]:
+            src = tgt = _processor(spm_models["joint"])
+        else:
+            src, tgt = _processor(spm_models["src"]), _processor(spm_models["tgt"])
+        tokenizers = Tokenizers(src, tgt, str(payload["tokenizer_fingerprint"]))
+        model = build_model(config, tokenizers)
+        model.load_state_dict(payload["model"])
+    except TinytError:
+        raise
+    except ConfigError as exc:
+        raise TinytError(f"{path} holds an invalid config ({exc}); export the bundle "
+                         "again") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise TinytError(damaged) from None
+    model.eval()
+    return config, tokenizers, model, payload
+
+
+def _check_marker(path: Path, payload: Any) -> None:
+    """Tell a bundle from a checkpoint or anything else, and refuse bundles from the future."""
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        if isinstance(payload, dict) and "model" in payload and "format_version" in payload:
+            raise TinytError(f"{path} is a training checkpoint, not a model bundle; use its run "
+                             "directory (--run), or make a bundle with `tinyt export`")
+        raise TinytError(f"{path} is not a tinyt model bundle; make one with "
+                         "`tinyt export --run runs/NAME -o model.tinyt`")
+    version = payload.get("bundle_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise TinytError(f"{path} is damaged (bundle version {version!r}); export it again")
+    if version > BUNDLE_VERSION:
+        raise TinytError(f"{path} was written by a newer tinyt ({payload.get('tinyt_version')}, "
+                         f"bundle version {version}); this tinyt {__version__} reads version "
+                         f"{BUNDLE_VERSION}: upgrade tinyt")
+
+
+def _processor(model_bytes: torch.Tensor) -> spm.SentencePieceProcessor:
+    if not isinstance(model_bytes, torch.Tensor) or model_bytes.dtype != torch.uint8:
+        raise TypeError("tokenizer model is not a byte tensor")
+    return spm.SentencePieceProcessor(model_proto=_tensor_to_bytes(model_bytes))
+
+
+def load_for_inference(run: str | Path | None = None, model: str | Path | None = None,
+                       checkpoint: str = "best.pt"
+                       ) -> tuple[Config, Tokenizers, Transformer, dict[str, Any]]:
+    """(config, tokenizers, model, payload) from a run directory (`run`, with `checkpoint`)
+    or a bundle file (`model`): exactly one of the two."""
+    if run is not None and model is not None:
+        raise TinytError("pass either a run directory (--run) or a model bundle (--model), "
+                         "not both")
+    if run is None and model is None:
+        raise TinytError("pass a run directory (--run runs/NAME) or a model bundle "
+                         "(--model FILE)")
+    if model is not None:
+        if checkpoint != "best.pt":
+            raise TinytError(f"--checkpoint {checkpoint} applies to a run directory; a model "
+                             "bundle holds the one checkpoint it was exported from")
+        return load_bundle(model)
+    return load_trained(run, checkpoint)
+
+
+# -- summaries ------------------------------------------------------------------------------
+
+def _no_validations() -> dict[str, Any]:
+    return {"validations": 0, "last_step": None,
+            "best_valid_loss": None, "best_valid_loss_step": None,
+            "best_valid_bleu": None, "best_valid_bleu_step": None}
+
+
+def _metrics_summary(path: Path) -> dict[str, Any]:
+    """Best validation loss and BLEU, and their steps, from a run's metrics.jsonl (lines that
+    cannot be read, e.g. one cut short by a kill, are skipped)."""
+    summary = _no_validations()
+    if not path.is_file():
+        return summary
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step, loss = int(record["step"]), float(record["valid_loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        summary["validations"] += 1
+        summary["last_step"] = step
+        if summary["best_valid_loss"] is None or loss < summary["best_valid_loss"]:
+            summary["best_valid_loss"], summary["best_valid_loss_step"] = loss, step
+        bleu = record.get("valid_bleu")
+        if isinstance(bleu, (int, float)) and (summary["best_valid_bleu"] is None
+                                               or bleu > summary["best_valid_bleu"]):
+            summary["best_valid_bleu"], summary["best_valid_bleu_step"] = float(bleu), step
+    return summary
+
+
+def _describe_config(config: Config, tokenizers: Tokenizers, parameters: int) -> dict[str, Any]:
+    m, t = config.model, config.train
+    return {
+        "parameters": parameters,
+        "languages": {"src": config.data.src_lang, "tgt": config.data.tgt_lang},
+        "vocab": {"joint": tokenizers.src is tokenizers.tgt,
+                  "src_size": tokenizers.src_vocab_size, "tgt_size": tokenizers.tgt_vocab_size,
+                  "model_type": config.tokenizer.model_type},
+        "model": {"d_model": m.d_model, "n_heads": m.n_heads, "enc_layers": m.enc_layers,
+                  "dec_layers": m.dec_layers, "d_ff": m.d_ff, "activation": m.activation,
+                  "pre_norm": m.pre_norm, "tie_embeddings": m.tie_embeddings,
+                  "max_positions": m.max_positions, "dropout": m.dropout},
+        "train": {"batch_tokens": t.batch_tokens, "lr": t.lr, "warmup_steps": t.warmup_steps,
+                  "max_epochs": t.max_epochs, "max_steps": t.max_steps,
+                  "label_smoothing": t.label_smoothing, "seed": t.seed,
+                  "keep_checkpoints": t.keep_checkpoints},
+        "decoding": {"beam_size": config.decoding.beam_size,
+                     "length_penalty": config.decoding.length_penalty},
+    }
+
+
+def run_info(path: str | Path) -> dict[str, Any]:
+    """A summary of a run directory or a model bundle: size of the model and its
+    vocabularies, languages, the main model and training settings, the best validation loss
+    and BLEU with their steps, the validation checkpoints kept, and file sizes in bytes.
+
+    Both kinds give the same keys; `kind` says which it was. Values a source cannot know
+    (e.g. BLEU when validation BLEU was off) are None.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = load_run_config(path)
+        tokenizers = Tokenizers.load(path / "tokenizer")
+        # The parameter count of the model the config describes; no checkpoint is needed, so
+        # this works while a run is still training.
+        parameters = build_model(config, tokenizers).num_parameters()
+        ckpts = validation_checkpoints(path)
+        files = sorted(p for p in path.glob("*.pt") if p.is_file())
+        sizes = {p.name: p.stat().st_size for p in files}
+        sizes["total"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return {"kind": "run", "path": str(path),
+                **_describe_config(config, tokenizers, parameters),
+                "validation": _metrics_summary(path / "metrics.jsonl"),
+                "checkpoint": None,
+                "validation_checkpoints": [step for step, _ in ckpts],
+                "sizes": sizes}
+    config, tokenizers, model, payload = load_bundle(path)
+    progress = payload.get("progress") or {}
+    validation = payload.get("metrics") or _no_validations()
+    if validation["best_valid_loss"] is None:  # a bundle made without metrics.jsonl
+        best = progress.get("best_valid_loss")
+        if isinstance(best, (int, float)) and math.isfinite(best):
+            validation = {**validation, "best_valid_loss": best,
+                          "best_valid_loss_step": progress.get("best_step")}
+    source = payload.get("source") or {}
+    return {"kind": "bundle", "path": str(path),
+            **_describe_config(config, tokenizers, model.num_parameters()),
+            "validation": validation,
+            "checkpoint": {"name": source.get("checkpoint"), "step": progress.get("step"),
+                           "epoch": progress.get("epoch"),
+                           "averaged_steps": source.get("averaged_steps") or [],
+                           "run_dir": source.get("run_dir"),
+                           "tinyt_version": payload.get("tinyt_version")},
+            "validation_checkpoints": [],
+            "sizes": {path.name: path.stat().st_size, "total": path.stat().st_size}}
+
+
+def format_run_info(info: dict[str, Any]) -> str:
+    """`run_info`'s summary as a few human-readable lines."""
+
+    def size(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            n /= 1024
+        return str(n)
+
+    m, v, val = info["model"], info["vocab"], info["validation"]
+    vocab = (f"joint {v['src_size']:,}" if v["joint"]
+             else f"{v['src_size']:,} source + {v['tgt_size']:,} target")
+    lines = [
+        f"{info['kind']} {info['path']}",
+        f"  {info['languages']['src']} -> {info['languages']['tgt']}, "
+        f"{info['parameters']:,} parameters, {vocab} {v['model_type']} vocabulary",
+        f"  model: d_model {m['d_model']}, {m['n_heads']} heads, {m['enc_layers']}+"
+        f"{m['dec_layers']} layers, FFN {m['d_ff']} ({m['activation']}, "
+        f"{'pre' if m['pre_norm'] else 'post'}-norm"
+        f"{', tied embeddings' if m['tie_embeddings'] else ''})",
+        f"  train: batch {info['train']['batch_tokens']} tokens, lr {info['train']['lr']:g}, "
+        f"warmup {info['train']['warmup_steps']}, label smoothing "
+        f"{info['train']['label_smoothing']:g}",
+    ]
+    if val["best_valid_loss"] is not None:
+        line = (f"  best valid loss {val['best_valid_loss']:.4f} (step "
+                f"{val['best_valid_loss_step']})")
+        if val["best_valid_bleu"] is not None:
+            line += f", best valid BLEU {val['best_valid_bleu']:.2f} (step " \
+                    f"{val['best_valid_bleu_step']})"
+        lines.append(line + f"; {val['validations']} validations")
+    else:
+        lines.append("  no validation yet")
+    if info["checkpoint"]:
+        c = info["checkpoint"]
+        averaged = (f", average of steps {', '.join(map(str, c['averaged_steps']))}"
+                    if c["averaged_steps"] else "")
+        lines.append(f"  from {c['name']} (step {c['step']}{averaged}) of {c['run_dir']}")
+    if info["kind"] == "run":
+        steps = info["validation_checkpoints"]
+        lines.append(f"  validation checkpoints: {len(steps)}"
+                     + (f" (steps {', '.join(map(str, steps))})" if steps else ""))
+    lines.append("  sizes: " + ", ".join(f"{name} {size(n)}" for name, n in info["sizes"].items()))
+    return "\n".join(lines)
