@@ -481,3 +481,33 @@ def test_tokenize_empty_text(tokenizers, tmp_path):
     data = tokenize(ParallelText([], [], "empty"), tokenizers, cache_dir=tmp_path)
     assert len(data) == 0
     assert make_batches(data, torch.arange(0), 100) == []
+
+
+# -- the hub path (the hub is unreachable here: its failure, and its table handling) -------
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(TinytError, match=r"cannot load hub dataset bentrevett/multi30k.*data\.dir"):
+        load_split(DataConfig(), "train")
+
+
+def test_hub_style_tables_flat_and_nested():
+    import datasets
+
+    from tinyt.data import _pairs_from_table
+
+    flat = datasets.Dataset.from_dict({"de": ["Ein Hund.", None], "en": ["A dog.", "Two."]})
+    pairs = _pairs_from_table(flat, DataConfig(), "flat")
+    assert pairs.src == ["Ein Hund.", ""] and pairs.tgt == ["A dog.", "Two."]
+    nested = datasets.Dataset.from_dict(
+        {"translation": [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Zwei.", "en": "Two."}]})
+    config = DataConfig(translation_field="translation")
+    pairs = _pairs_from_table(nested, config, "nested")
+    assert pairs.src == ["Ein Hund.", "Zwei."] and pairs.tgt == ["A dog.", "Two."]
+    with pytest.raises(TinytError, match="no language 'fr'"):
+        _pairs_from_table(nested, DataConfig(translation_field="translation", tgt_lang="fr"), "x")
+    with pytest.raises(TinytError, match="no field 'fr'.*it has de, en"):
+        _pairs_from_table(flat, DataConfig(tgt_lang="fr"), "x")
