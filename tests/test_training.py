@@ -97,3 +97,53 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, short_pairs):
     lines_b = (Path(interrupted.run_dir) / "metrics.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
+
+
+def test_accumulated_gradients_equal_one_big_batch(tmp_path, short_pairs):
+    from tinyt.data import collate, load_split, tokenize
+    from tinyt.tokenizer import train_or_load
+    from tinyt.training import Trainer
+
+    write_pairs(tmp_path, "train", short_pairs[:40])
+    write_pairs(tmp_path, "val", short_pairs[40:45])
+    config = config_from_dict(tiny_config(tmp_path, tmp_path, warmup_steps=0, clip_norm=0.5,
+                                          label_smoothing=0.1))
+    text = load_split(config.data, "train")
+    tokenizers = train_or_load(config.tokenizer, text.src, text.tgt, tmp_path / "tok")
+    data = tokenize(text, tokenizers)
+    trainers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        trainer = Trainer(config, tokenizers, data, data, text.tgt, progress_bars=False)
+        # Plain SGD makes the weight change equal the (clipped) gradient; Adam's first step is
+        # about lr * sign(gradient), which rounding noise in tiny gradients could flip.
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=1.0)
+        trainers.append(trainer)
+    first, second = torch.arange(0, 15), torch.arange(15, 40)
+    before = trainers[0].model.tgt_embed.weight.detach().clone()
+    loss_a, _ = trainers[0].train_step([collate(data, first), collate(data, second)])
+    loss_b, _ = trainers[1].train_step(collate(data, torch.cat([first, second])))
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-4)
+    for (name, a), b in zip(trainers[0].model.named_parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(trainers[0].model.tgt_embed.weight, before)  # the update happened
+
+
+def test_accumulate_steps_in_the_loop(tmp_path, short_pairs):
+    write_pairs(tmp_path, "train", short_pairs[:60])
+    write_pairs(tmp_path, "val", short_pairs[60:70])
+    config = config_from_dict(tiny_config(tmp_path, tmp_path, max_epochs=2, batch_tokens=300,
+                                          accumulate_steps=3))
+    summary = train(config, progress_bars=False)
+    progress = load_checkpoint(Path(config.run_dir) / "last.pt")["progress"]
+    assert progress["epoch"] == 2 and progress["batch_in_epoch"] == 0
+    from tinyt.data import load_split, make_batches, tokenize, trainable_indices
+    from tinyt.tokenizer import Tokenizers
+
+    data = tokenize(load_split(config.data, "train"),
+                    Tokenizers.load(Path(config.run_dir) / "tokenizer"))
+    per_epoch = [len(make_batches(data, trainable_indices(data, 40), 300,
+                                  torch.Generator().manual_seed(3 * 100_003 + epoch)))
+                 for epoch in range(2)]
+    assert min(per_epoch) > 3
+    assert summary["steps"] == sum(-(-n // 3) for n in per_epoch)  # ceil: a short last update

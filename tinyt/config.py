@@ -146,6 +146,7 @@ class TrainConfig:
 
     seed: int = 1
     batch_tokens: int = 4096  # padded tokens (larger side) per batch
+    accumulate_steps: int = 1  # batches whose gradients make one update (effective batch x N)
     max_epochs: int = 30
     max_steps: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock budget for training; 0: no limit
@@ -173,6 +174,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.batch_tokens >= 8, "train.batch_tokens", f"is {self.batch_tokens}; >= 8")
+        _check(self.accumulate_steps >= 1, "train.accumulate_steps", "must be >= 1")
         _check(self.max_epochs >= 1, "train.max_epochs", f"is {self.max_epochs}; it must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: no limit)")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no limit)")

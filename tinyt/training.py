@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
                               save_checkpoint, validation_checkpoint_name)
 from tinyt.config import Config, save_config
-from tinyt.data import (TokenizedText, collate, load_split, make_batches, tokenize,
+from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, tokenize,
                         trainable_indices)
 from tinyt.errors import TinytError
 from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
@@ -197,22 +197,30 @@ class Trainer:
 
     # -- one optimisation step ---------------------------------------------------------------
 
-    def train_step(self, batch) -> tuple[torch.Tensor, bool]:
-        """Forward, backward and update on one batch.
+    def train_step(self, batches: Batch | list[Batch]) -> tuple[torch.Tensor, bool]:
+        """One update from one batch, or from several whose gradients are accumulated
+        (train.accumulate_steps): the loss is normalised by the tokens of all of them, so the
+        update equals that of one batch holding them all.
 
         Returns the summed loss (a device tensor: no host sync for it) and whether the update
         was applied: with a non-finite loss or gradient norm the update is skipped, so one bad
         batch cannot poison the weights or Adam's moments. That check is the step's one host
         sync.
         """
-        with autocast(self.device, self.amp):
-            hidden = self.forward(batch.src, batch.tgt_in)
-            logits = self.model.logits(hidden)
-        loss_sum = F.cross_entropy(
-            logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
-            label_smoothing=self.config.train.label_smoothing, reduction="sum")
+        if isinstance(batches, Batch):
+            batches = [batches]
+        n_tokens = sum(batch.n_tokens for batch in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_sum / batch.n_tokens).backward()
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            with autocast(self.device, self.amp):
+                hidden = self.forward(batch.src, batch.tgt_in)
+                logits = self.model.logits(hidden)
+            batch_loss = F.cross_entropy(
+                logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                label_smoothing=self.config.train.label_smoothing, reduction="sum")
+            self.scaler.scale(batch_loss / n_tokens).backward()
+            loss_sum += batch_loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.config.train.clip_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -226,7 +234,7 @@ class Trainer:
             if finite:
                 self.optimizer.step()
         self.scaler.update()
-        return loss_sum.detach(), finite
+        return loss_sum, finite
 
     # -- validation --------------------------------------------------------------------------
 
@@ -278,22 +286,26 @@ class Trainer:
                 bar = tqdm(total=len(batches), initial=p.batch_in_epoch,
                            desc=f"epoch {p.epoch + 1}", unit="batch",
                            disable=not self.progress_bars, dynamic_ncols=True)
-                for idx in batches[p.batch_in_epoch:]:
-                    batch = collate(self.train_data, idx)
-                    if self.device.type == "cuda":
-                        batch = batch.pin_memory().to(self.device, non_blocking=True)
+                accumulate = tc.accumulate_steps
+                for first in range(p.batch_in_epoch, len(batches), accumulate):
+                    group = []
+                    for idx in batches[first: first + accumulate]:
+                        batch = collate(self.train_data, idx)
+                        if self.device.type == "cuda":
+                            batch = batch.pin_memory().to(self.device, non_blocking=True)
+                        group.append(batch)
                     p.step += 1
                     warm = _warmup_lr(self.config, p.step)
                     if warm is not None:
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = warm
-                    loss, finite = self.train_step(batch)
-                    p.batch_in_epoch += 1
-                    bar.update(1)
+                        for param_group in self.optimizer.param_groups:
+                            param_group["lr"] = warm
+                    loss, finite = self.train_step(group)
+                    p.batch_in_epoch += len(group)
+                    bar.update(len(group))
                     if finite:
                         p.nonfinite_in_a_row = 0
                         pending_loss += loss
-                        pending_tokens += batch.n_tokens
+                        pending_tokens += sum(b.n_tokens for b in group)
                     else:
                         p.nonfinite_steps += 1
                         p.nonfinite_in_a_row += 1
