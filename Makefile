@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tinyt-installed
 
-.PHONY: setup train test bench clean-venv
+.PHONY: setup train test bench reproduce clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 # Training/decoding speed, padding and memory; RUN=runs/NAME decodes with a trained model.
 bench: $(STAMP)
 	$(BIN)/python scripts/benchmark.py --config $(CONFIG) --data-dir $(or $(DATA),../shared/data/multi30k) $(if $(RUN),--run $(RUN)) $(ARGS)
+
+# Train and evaluate the Multi30k configs end to end and print the results table (hours on a CPU).
+reproduce: $(STAMP)
+	scripts/reproduce_multi30k.sh $(or $(DATA),../shared/data/multi30k) $(CONFIGS)
 
 clean-venv:
 	rm -rf $(VENV)

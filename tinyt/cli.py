@@ -118,6 +118,7 @@ def train(
     Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
     """
     from tinyt.config import ConfigError, load_config, override_config
+    from tinyt.evaluation import format_evaluation
     from tinyt.training import TrainingInterrupted, train as run_training
 
     if resume is not None:
@@ -151,7 +152,14 @@ def train(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
         f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "
         f"{summary['best_step']}; {summary['parameters']:,} parameters on {summary['device']}")
-    typer.echo(f"next: tinyt evaluate --run {summary['run_dir']} --split test")
+    final = summary.get("final_eval")
+    if isinstance(final, dict):
+        typer.echo(f"test split ({final['sentences']} sentences, best.pt step {final['step']}, "
+                   f"beam {final['beam']}):")
+        typer.echo(format_evaluation(final))
+    elif final is not None:
+        typer.echo(f"final evaluation {final}", err=True)
+    typer.echo(f"next: tinyt translate --run {summary['run_dir']} \"Ein Hund läuft.\"")
 
 
 @app.command()
@@ -174,10 +182,8 @@ def evaluate(
     """
     from tinyt.bundle import load_for_inference
     from tinyt.config import override_config
-    from tinyt.data import load_split, tokenize
-    from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
+    from tinyt.evaluation import evaluate_split, format_evaluation
     from tinyt.hardware import set_threads
-    from tinyt.translation import Translator
 
     if model_file is None:
         run = _find_run(run)
@@ -188,39 +194,16 @@ def evaluate(
         config.data.dir = data_dir
     if config.data.dir is not None:
         config.data.validate()
-    text = load_split(config.data, split)
-    if len(text) == 0:
-        raise TinytError(f"split {split!r} ({text.name}) is empty")
-    translator = Translator(model, tokenizers, config.decoding, device=_device(device),
-                            amp=config.train.amp)
-    data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
-    nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens, translator.device,
-                                       translator.amp_dtype, progress=True)
-    beam = beam or config.decoding.beam_size
-    hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
-                                progress=True)
-    scores = score_translations(hyps, text.tgt)
     # Results go into the run directory; for a bundle, into a folder beside it (model.tinyt.eval/).
     out_root = run if model_file is None else model_file.with_name(model_file.name + ".eval")
     if model_file is not None:
         checkpoint = f"{model_file.name} ({payload['source']['checkpoint']})"
-    out_dir = out_root / "translations"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hyp_path = out_dir / f"{split}.beam{beam}.{config.data.tgt_lang}"
-    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    result = {"split": split, "sentences": len(text), "checkpoint": checkpoint,
-              "step": payload["progress"]["step"], "beam": beam, "loss": round(nll, 4),
-              "ppl": round(perplexity(nll), 3), "target_tokens": n_tokens, **scores,
-              "hypotheses": str(hyp_path)}
-    with open(out_root / "evaluations.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    typer.echo(f"{model_file or run} {split} ({len(text)} sentences, {checkpoint} step {result['step']}, "
-               f"beam {beam})")
-    typer.echo(f"  loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
-    typer.echo(f"  {scores['bleu_detail']}")
-    typer.echo(f"  BLEU signature: {scores['bleu_signature']}")
-    typer.echo(f"  chrF2 {scores['chrf']:.2f}  signature: {scores['chrf_signature']}")
-    typer.echo(f"  hypotheses: {hyp_path}")
+    result = evaluate_split(config, tokenizers, model, split, _device(device), out_root, beam,
+                            length_penalty, checkpoint=checkpoint,
+                            step=payload["progress"]["step"])
+    typer.echo(f"{model_file or run} {split} ({result['sentences']} sentences, {checkpoint} "
+               f"step {result['step']}, beam {result['beam']})")
+    typer.echo(format_evaluation(result))
 
 
 def _device(name: str):

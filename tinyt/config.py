@@ -163,6 +163,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     valid_every: int = 0  # validate every N steps; 0: at the end of every epoch
     valid_bleu: bool = True  # greedy-decode the validation split and report BLEU
+    final_eval: bool = True  # after training, score best.pt on the test split (beam search)
     checkpoint_every: int = 0  # also save last.pt every N steps; 0: only at validations
     max_nonfinite_steps: int = 10  # stop after this many non-finite updates in a row
     keep_checkpoints: int = 5  # weights of the last N validations as ckpt-STEP.pt (for averaging)

@@ -3,17 +3,22 @@ decoded translations (sacrebleu, corpus level)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import sacrebleu
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tinyt.data import TokenizedText, collate, make_batches
+from tinyt.config import Config
+from tinyt.data import TokenizedText, collate, load_split, make_batches, tokenize
+from tinyt.errors import TinytError
 from tinyt.hardware import autocast
 from tinyt.model import Transformer
-from tinyt.tokenizer import PAD_ID
+from tinyt.tokenizer import PAD_ID, Tokenizers
+from tinyt.translation import Translator
 
 
 @torch.no_grad()
@@ -58,3 +63,48 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict[str
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
     }
+
+
+def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, split: str,
+                   device: torch.device, out_dir: Path, beam_size: int | None = None,
+                   length_penalty: float | None = None, progress: bool = True,
+                   checkpoint: str = "best.pt", step: int | None = None) -> dict[str, object]:
+    """Score `model` on a split of the config's corpus, as `tinyt evaluate` does.
+
+    Teacher-forced loss and perplexity, then beam search (beam_size, default the config's),
+    BLEU and chrF. Hypotheses go to `out_dir/translations/SPLIT.beamK.LANG` and the scores are
+    appended to `out_dir/evaluations.jsonl`; the returned dict holds both.
+    """
+    text = load_split(config.data, split)
+    if len(text) == 0:
+        raise TinytError(f"split {split!r} ({text.name}) is empty")
+    translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
+    data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
+    nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens, translator.device,
+                                       translator.amp_dtype, progress=progress)
+    beam = beam_size or config.decoding.beam_size
+    hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
+                                progress=progress)
+    scores = score_translations(hyps, text.tgt)
+    hyp_dir = out_dir / "translations"
+    hyp_dir.mkdir(parents=True, exist_ok=True)
+    hyp_path = hyp_dir / f"{split}.beam{beam}.{config.data.tgt_lang}"
+    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    result = {"split": split, "sentences": len(text), "checkpoint": checkpoint, "step": step,
+              "beam": beam, "loss": round(nll, 4),
+              "ppl": round(perplexity(nll), 3), "target_tokens": n_tokens, **scores,
+              "hypotheses": str(hyp_path)}
+    with open(out_dir / "evaluations.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def format_evaluation(result: dict[str, object]) -> str:
+    """The lines `tinyt evaluate` prints for a result of evaluate_split."""
+    return "\n".join([
+        f"  loss {result['loss']:.4f}  ppl {result['ppl']:.2f}",
+        f"  {result['bleu_detail']}",
+        f"  BLEU signature: {result['bleu_signature']}",
+        f"  chrF2 {result['chrf']:.2f}  signature: {result['chrf_signature']}",
+        f"  hypotheses: {result['hypotheses']}",
+    ])

@@ -25,7 +25,7 @@ from tinyt.config import Config, save_config
 from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, tokenize,
                         trainable_indices)
 from tinyt.errors import TinytError
-from tinyt.evaluation import perplexity, score_translations, teacher_forced_nll
+from tinyt.evaluation import evaluate_split, perplexity, score_translations, teacher_forced_nll
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
                             set_threads)
 from tinyt.model import Transformer
@@ -453,4 +453,25 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     summary = trainer.train()
     summary.update(parameters=trainer.model.num_parameters(), train_pairs=int(
         trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir))
+    if tc.final_eval and _has_test_split(config):
+        summary["final_eval"] = _final_evaluation(trainer, progress_bars)
     return summary
+
+
+def _has_test_split(config: Config) -> bool:
+    names = config.data.files if config.data.dir is not None else config.data.hub_splits
+    return "test" in names
+
+
+def _final_evaluation(trainer: Trainer, progress_bars: bool) -> dict[str, Any] | str:
+    """Score best.pt on the test split; a problem there is reported, never fatal: the
+    trained run is already safe on disk."""
+    best = load_checkpoint(trainer.run_dir / "best.pt")
+    trainer.model.load_state_dict(best["model"])
+    trainer.model.eval()
+    try:
+        return evaluate_split(trainer.config, trainer.tokenizers, trainer.model, "test",
+                              trainer.device, trainer.run_dir, progress=progress_bars,
+                              step=best["progress"]["step"])
+    except TinytError as exc:
+        return f"skipped: {exc}"
