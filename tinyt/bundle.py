@@ -22,8 +22,8 @@ import sentencepiece as spm
 import torch
 
 from tinyt import __version__
-from tinyt.checkpoint import (atomic_torch_save, build_model, load_run_config, load_trained,
-                              validation_checkpoints)
+from tinyt.checkpoint import (atomic_torch_save, build_model, load_run_config,
+                              load_tensors_safely, load_trained, validation_checkpoints)
 from tinyt.config import Config, ConfigError, config_from_dict
 from tinyt.errors import TinytError
 from tinyt.model import Transformer
@@ -119,12 +119,8 @@ def load_bundle(path: str | Path) -> tuple[Config, Tokenizers, Transformer, dict
     if not path.is_file():
         raise TinytError(f"model bundle {path} not found; make one with "
                          f"`tinyt export --run runs/NAME -o {path}`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise TinytError(f"{path} is damaged or not a tinyt model bundle ({reason}); export "
-                         "the bundle again") from None
+    payload = load_tensors_safely(path, f"{path} is damaged or not a tinyt model bundle; "
+                                        "export the bundle again")
     _check_marker(path, payload)
     damaged = (f"{path} is damaged (its contents do not match its checksum or are incomplete); "
                "export the bundle again")

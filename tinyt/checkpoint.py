@@ -66,17 +66,23 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
                          "checkpoint is intact (free disk space, then resume)") from None
 
 
+def load_tensors_safely(path: Path, damaged: str) -> Any:
+    """torch.load with weights_only=True (tensors, numbers, strings, containers: no code runs);
+    any failure raises TinytError(f"{damaged} ({reason})")."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TinytError(f"{damaged} ({reason})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely; a missing, damaged or foreign file raises TinytError."""
     path = Path(path)
     if not path.is_file():
         raise TinytError(f"checkpoint {path} not found; train the run first or pick another run")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise TinytError(f"checkpoint {path} is damaged or not a tinyt checkpoint ({reason}); "
-                         "use another checkpoint (e.g. last.pt) or retrain") from None
+    payload = load_tensors_safely(path, f"checkpoint {path} is damaged or not a tinyt checkpoint;"
+                                  " use another checkpoint (e.g. last.pt) or retrain")
     if not isinstance(payload, dict) or "model" not in payload:
         raise TinytError(f"{path} is not a tinyt checkpoint")
     version = payload.get("format_version")
