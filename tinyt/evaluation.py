@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import sacrebleu
@@ -88,7 +89,11 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, s
     scores = score_translations(hyps, text.tgt)
     hyp_dir = out_dir / "translations"
     hyp_dir.mkdir(parents=True, exist_ok=True)
-    hyp_path = hyp_dir / f"{split}.beam{beam}.{config.data.tgt_lang}"
+    # best.pt's hypotheses are SPLIT.beamK.LANG; another checkpoint's name goes in too, so
+    # evaluating averaged.pt does not overwrite them.
+    stem = checkpoint[:-3] if checkpoint.endswith(".pt") else checkpoint
+    tag = "" if checkpoint == "best.pt" else "." + re.sub(r"[^\w-]+", "_", stem)
+    hyp_path = hyp_dir / f"{split}.beam{beam}{tag}.{config.data.tgt_lang}"
     hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result = {"split": split, "sentences": len(text), "checkpoint": checkpoint, "step": step,
               "beam": beam, "loss": round(nll, 4),
