@@ -124,7 +124,9 @@ def test_train_writes_run(trained):
     assert (run / "tokenizer" / "joint.model").is_file()
     assert (run / "tokenizer" / "meta.json").is_file()
     assert "done:" in trained["result"].stdout
-    assert f"tinyt evaluate --run {run}" in trained["result"].stdout
+    # training ends with the test score of best.pt and a hint how to use the run
+    assert "test split (" in trained["result"].stdout and "BLEU = " in trained["result"].stdout
+    assert f"tinyt translate --run {run}" in trained["result"].stdout
 
 
 def test_train_metrics(trained):
@@ -174,7 +176,9 @@ def test_train_overwrite(trained, run_copy):
     assert len(lines) == 1  # the old metrics were removed, not appended to
     assert "valid_bleu" in json.loads(lines[0])
     assert (run_copy / "best.pt").stat().st_mtime_ns != best_before
-    assert not (run_copy / "translations").exists()
+    # stale hypotheses are gone; only the new run's final evaluation is there
+    assert not (run_copy / "translations" / "old.en").exists()
+    assert sorted(p.name for p in (run_copy / "translations").iterdir()) == ["test.beam2.en"]
     assert load_config(run_copy / "config.yaml").run_dir == str(run_copy)
 
 
@@ -184,7 +188,8 @@ def test_train_overwrite_forgets_old_evaluations(trained, run_copy):
     result = invoke("train", "--config", trained["config"], "--run-dir", run_copy,
                     "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (run_copy / "evaluations.jsonl").exists()
+    scores = [json.loads(line) for line in (run_copy / "evaluations.jsonl").open()]
+    assert len(scores) == 1 and scores[0]["bleu"] != 99.0  # only the new final evaluation
 
 
 def test_train_resume_finished_run(run_copy):
