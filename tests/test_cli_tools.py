@@ -134,3 +134,15 @@ def test_interactive_translations_come_out_before_the_next_line_is_read():
 
     stream_translations(translator, typed(), out, beam=None, length_penalty=None)
     assert out.getvalue() == "EIN HUND\n\nZWEI KATZEN\n"
+
+
+def test_shell_completion_offers_commands():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COMP_WORDS="tinyt e", COMP_CWORD="1", _TINYT_COMPLETE="complete_bash")
+    code = "import sys; sys.argv[0] = 'tinyt'; from tinyt.cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["evaluate", "export"], out.stdout + out.stderr
