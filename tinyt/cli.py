@@ -159,7 +159,7 @@ def train(
         typer.echo(format_evaluation(final))
     elif final is not None:
         typer.echo(f"final evaluation {final}", err=True)
-    typer.echo(f"next: tinyt translate --run {summary['run_dir']} \"Ein Hund läuft.\"")
+    typer.echo(f"next: tinyt translate --run {summary['run_dir']} \"a sentence to translate\"")
 
 
 @app.command()
