@@ -180,15 +180,11 @@ def evaluate(
 
     Example: tinyt evaluate --run runs/multi30k_de_en --split test --beam 5
     """
-    from tinyt.bundle import load_for_inference
-    from tinyt.config import override_config
     from tinyt.evaluation import evaluate_split, format_evaluation
     from tinyt.hardware import set_threads
 
-    if model_file is None:
-        run = _find_run(run)
-    config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
-    config = override_config(config, overrides or [], check_paths=False)
+    run, config, tokenizers, model, payload = _load_for_command(run, model_file, checkpoint,
+                                                                overrides)
     set_threads(config.train.num_threads)
     if data_dir is not None:
         config.data.dir = data_dir
@@ -204,6 +200,20 @@ def evaluate(
     typer.echo(f"{model_file or run} {split} ({result['sentences']} sentences, {checkpoint} "
                f"step {result['step']}, beam {result['beam']})")
     typer.echo(format_evaluation(result))
+
+
+def _load_for_command(run: Optional[Path], model_file: Optional[Path], checkpoint: str,
+                      overrides: Optional[List[str]]):
+    """(run, config, tokenizers, model, payload) for evaluate/translate: a bundle (--model) or
+    a run (--run, default the latest), with --set overrides applied to its config."""
+    from tinyt.bundle import load_for_inference
+    from tinyt.config import override_config
+
+    if model_file is None:
+        run = _find_run(run)
+    config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
+    return run, override_config(config, overrides or [], check_paths=False), tokenizers, model, \
+        payload
 
 
 def _device(name: str):
@@ -260,8 +270,6 @@ def translate(
 
     Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
     """
-    from tinyt.bundle import load_for_inference
-    from tinyt.config import override_config
     from tinyt.translation import Translator
 
     if input_file is not None and text:
@@ -269,10 +277,7 @@ def translate(
     if input_file is not None and not input_file.is_file():
         raise TinytError(f"input file {input_file} does not exist")
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
-    if model_file is None:
-        run = _find_run(run)
-    config, tokenizers, model, _ = load_for_inference(run, model_file, checkpoint)
-    config = override_config(config, overrides or [], check_paths=False)
+    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides)
     translator = Translator(model, tokenizers, config.decoding, _device(device), config.train.amp)
     if interactive:
         typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)

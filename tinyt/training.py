@@ -139,6 +139,8 @@ class Trainer:
             raise TinytError(f"no training pair has 1..{config.data.max_len} tokens on both "
                              "sides; check the data or raise data.max_len")
         self.progress = Progress()
+        # Source ids of the validation split, for greedy decoding at every validation.
+        self.valid_src_ids = [valid_data.src(i).tolist() for i in range(len(valid_data))]
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -247,8 +249,8 @@ class Trainer:
             self.model.eval()
             translator = Translator(self.model, self.tokenizers, self.config.decoding,
                                     self.device, tc.amp)
-            src_ids = [self.valid_data.src(i).tolist() for i in range(len(self.valid_data))]
-            hyps = self.tokenizers.decode_tgt(translator.translate_ids(src_ids, beam_size=1))
+            hyps = self.tokenizers.decode_tgt(
+                translator.translate_ids(self.valid_src_ids, beam_size=1))
             result["valid_bleu"] = score_translations(hyps, self.valid_refs)["bleu"]
             self.model.train()
         return result

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tinyt.bundle import load_bundle
+from tinyt.bundle import load_bundle, load_for_inference
 from tinyt.checkpoint import load_trained
 from tinyt.config import DecodingConfig
 from tinyt.errors import TinytError
@@ -41,10 +41,11 @@ class Translator:
         """A translator from a run directory (using its `checkpoint`) or a bundle file made by
         `tinyt export` (which holds one checkpoint, so `checkpoint` does not apply)."""
         path = Path(path)
-        if path.is_dir():
-            return cls.from_run(path, checkpoint, device)
-        if path.is_file():
-            return cls.from_bundle(path, device)
+        if path.exists():
+            run, bundle = (path, None) if path.is_dir() else (None, path)
+            config, tokenizers, model, _ = load_for_inference(run, bundle, checkpoint)
+            return cls(model, tokenizers, config.decoding, resolve_device(device),
+                       config.train.amp)
         raise TinytError(f"{path} does not exist; pass a run directory (runs/NAME) or a model "
                          "bundle file made by `tinyt export`")
 
