@@ -26,6 +26,12 @@ app = typer.Typer(
 )
 
 
+def _rank_prefix() -> str:
+    """'rank N: ' in a torchrun worker other than rank 0, so its lines can be told apart."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -49,7 +55,9 @@ def friendly_errors(command):
         except TinytError as exc:
             if _verbose():
                 traceback.print_exc()
-            _fail(str(exc))
+            if type(exc).__name__ == "MainProcessFailed":
+                raise typer.Exit(2)  # a torchrun worker: rank 0 has printed the reason
+            _fail(_rank_prefix() + str(exc))
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
@@ -146,12 +154,17 @@ def train(
     try:
         summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
     except TrainingInterrupted as stop:
-        typer.echo(f"interrupted by {stop}", err=True)
+        if not _rank_prefix():
+            typer.echo(f"interrupted by {stop}", err=True)
         raise typer.Exit(128 + stop.signum)
+    if summary["rank"] != 0:
+        return  # under torchrun, rank 0 reports for every process
+    processes = f" x {summary['processes']} processes" if summary["processes"] > 1 else ""
     typer.echo(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
         f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "
-        f"{summary['best_step']}; {summary['parameters']:,} parameters on {summary['device']}")
+        f"{summary['best_step']}; {summary['parameters']:,} parameters on {summary['device']}"
+        f"{processes}")
     final = summary.get("final_eval")
     if isinstance(final, dict):
         typer.echo(f"test split ({final['sentences']} sentences, best.pt step {final['step']}, "

@@ -4,6 +4,8 @@ then ReduceLROnPlateau on validation loss, gradient clipping, periodic validatio
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import random
@@ -13,10 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
@@ -24,6 +28,8 @@ from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_che
 from tinyt.config import Config, save_config
 from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, tokenize,
                         trainable_indices)
+from tinyt.distributed import World
+from tinyt import distributed
 from tinyt.errors import TinytError
 from tinyt.evaluation import evaluate_split, perplexity, score_translations, teacher_forced_nll
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
@@ -105,24 +111,76 @@ def _warmup_lr(config: Config, step: int) -> float | None:
     return None
 
 
-class Trainer:
-    """Owns the model, optimizer, scheduler and progress of one run directory."""
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option for not re-broadcasting buffers before every forward: renamed in newer
+    torch releases (the old name still works there, with a warning)."""
+    import inspect
 
-    def __init__(self, config: Config, tokenizers: Tokenizers, train_data: TokenizedText,
-                 valid_data: TokenizedText, valid_refs: list[str], progress_bars: bool = True):
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {
+        "broadcast_buffers": False}
+
+
+class TeacherForcedLoss(nn.Module):
+    """The training objective wrapped around the model, so that DistributedDataParallel and
+    torch.compile see the whole computation from ids to loss.
+
+    forward(src (B, S), tgt_in (B, T), tgt_out (B, T)) -> summed label-smoothed cross-entropy
+    over the non-padding positions of tgt_out, a float32 scalar.
+    """
+
+    def __init__(self, model: Transformer, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: torch.Tensor) -> torch.Tensor:
+        logits = self.model.logits(self.model(src, tgt_in))
+        return F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(),
+                               ignore_index=PAD_ID, label_smoothing=self.label_smoothing,
+                               reduction="sum")
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler and progress of one run directory.
+
+    Under torchrun (`world.launched`) every rank holds a replica; each step's batches are
+    shared out between the ranks and DistributedDataParallel averages the gradients. Rank 0
+    validates, writes checkpoints and metrics and shows progress; the others receive its
+    validation results so every rank takes the same schedule and stopping decisions.
+    """
+
+    def __init__(self, config: Config, tokenizers: Tokenizers, train_data: TokenizedText | None,
+                 valid_data: TokenizedText, valid_refs: list[str], progress_bars: bool = True,
+                 world: World = World(), stream=None):
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.tokenizers = tokenizers
         self.train_data = train_data
+        self.stream = stream  # a data.StreamingCorpus when data.streaming is on, else None
         self.valid_data = valid_data
         self.valid_refs = valid_refs
-        self.progress_bars = progress_bars
+        self.world = world
+        self.progress_bars = progress_bars and world.is_main
         tc = config.train
-        self.device = resolve_device(tc.device)
+        self.device = distributed.start(world, resolve_device(tc.device))
         configure_backends(self.device)
         self.amp = amp_dtype(tc.amp, self.device)
         self.model: Transformer = build_model(config, tokenizers).to(self.device)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        if world.rank > 0:
+            # Same initial weights on every rank (seeded before the model was built), but
+            # each rank draws its own dropout masks.
+            torch.manual_seed(tc.seed + 1_000_003 * world.rank)
+        loss: nn.Module = TeacherForcedLoss(self.model, tc.label_smoothing)
+        if world.launched:
+            # Positional encodings are the only buffers and never change: no need to
+            # broadcast them before every forward.
+            loss = DistributedDataParallel(
+                loss, device_ids=[self.device] if self.device.type == "cuda" else None,
+                **_no_buffer_sync())
+        self.loss = loss
+        self.forward = torch.compile(loss) if tc.compile else loss
         # On CUDA, the fused kernel updates all parameters in a few launches instead of many.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas,
                                           eps=tc.eps, weight_decay=tc.weight_decay,
@@ -134,8 +192,9 @@ class Trainer:
             self.optimizer, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience,
             min_lr=tc.min_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.train_indices = trainable_indices(train_data, config.data.max_len)
-        if self.train_indices.numel() == 0:
+        self.train_indices = (trainable_indices(train_data, config.data.max_len)
+                              if train_data is not None else None)
+        if self.train_indices is not None and self.train_indices.numel() == 0:
             raise TinytError(f"no training pair has 1..{config.data.max_len} tokens on both "
                              "sides; check the data or raise data.max_len")
         self.progress = Progress()
@@ -167,6 +226,13 @@ class Trainer:
         same weights, so they never run ahead of or fall behind the resumable state.
         """
         payload = self._payload()
+        # Every rank's random state, so a resume with as many processes redraws the same
+        # dropout masks everywhere; "rng" alone (rank 0's) is what a single process uses.
+        rank_states = distributed.gather(self.world, payload["rng"])
+        if not self.world.is_main:
+            return
+        if self.world.world_size > 1:
+            payload["rng_ranks"] = rank_states
         weights_only = {k: payload[k] for k in ("model", "progress", "tokenizer_fingerprint",
                                                 "config")}
         keep = self.config.train.keep_checkpoints
@@ -195,36 +261,57 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.progress = Progress(**payload["progress"])
-        _set_rng_state(payload["rng"])
+        rank_states = payload.get("rng_ranks")
+        if rank_states is not None and len(rank_states) == self.world.world_size:
+            _set_rng_state(rank_states[self.world.rank])
+        elif self.world.is_main:
+            _set_rng_state(payload["rng"])
+        else:
+            # Saved by a different number of processes: rank 0 continues the saved stream,
+            # the others start fresh dropout streams of their own.
+            torch.manual_seed(self.config.train.seed + 1_000_003 * self.world.rank
+                              + self.progress.step)
 
     # -- one optimisation step ---------------------------------------------------------------
 
-    def train_step(self, batches: Batch | list[Batch]) -> tuple[torch.Tensor, bool]:
+    def train_step(self, batches: Batch | list[Batch],
+                   total_tokens: int | None = None) -> tuple[torch.Tensor, bool]:
         """One update from one batch, or from several whose gradients are accumulated
         (train.accumulate_steps): the loss is normalised by the tokens of all of them, so the
         update equals that of one batch holding them all.
 
-        Returns the summed loss (a device tensor: no host sync for it) and whether the update
-        was applied: with a non-finite loss or gradient norm the update is skipped, so one bad
-        batch cannot poison the weights or Adam's moments. That check is the step's one host
-        sync.
+        Under DDP `batches` are this rank's share of the step and `total_tokens` counts the
+        target tokens of every rank's share; DDP averages the ranks' gradients, so each rank
+        scales its loss by world_size / total_tokens and the update equals that of a single
+        process accumulating all of them. Every rank must pass the same number of batches
+        (a rank with fewer real ones pads with batches whose targets are all padding).
+
+        Returns the summed loss over all ranks (a device tensor: no host sync for it) and
+        whether the update was applied: with a non-finite loss or gradient norm the update is
+        skipped, so one bad batch cannot poison the weights or Adam's moments. That check is
+        the step's one host sync.
         """
         if isinstance(batches, Batch):
             batches = [batches]
-        n_tokens = sum(batch.n_tokens for batch in batches)
+        if total_tokens is None:
+            total_tokens = sum(batch.n_tokens for batch in batches)
+        scale = self.world.world_size / max(total_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for batch in batches:
-            with autocast(self.device, self.amp):
-                hidden = self.forward(batch.src, batch.tgt_in)
-                logits = self.model.logits(hidden)
-            batch_loss = F.cross_entropy(
-                logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
-                label_smoothing=self.config.train.label_smoothing, reduction="sum")
-            self.scaler.scale(batch_loss / n_tokens).backward()
+        for i, batch in enumerate(batches):
+            # DDP averages gradients during the backward of the last micro-batch only.
+            sync = (self.loss.no_sync() if self.world.launched and i < len(batches) - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast(self.device, self.amp):
+                    batch_loss = self.forward(batch.src, batch.tgt_in, batch.tgt_out)
+                self.scaler.scale(batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
+        distributed.sum_over_ranks(self.world, loss_sum)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.train.clip_norm or math.inf
+        # The gradients are already averaged over ranks, so every rank gets the same norm and
+        # takes the same skip-or-apply decision.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if self.scaler.is_enabled():
             # fp16: the scaler skips overflowing updates itself and lowers its scale; only a
@@ -241,6 +328,12 @@ class Trainer:
     # -- validation --------------------------------------------------------------------------
 
     def validate(self) -> dict[str, Any]:
+        """Validation loss and perplexity (and greedy BLEU with train.valid_bleu), computed on
+        rank 0 and handed to every rank."""
+        result = self._validate() if self.world.is_main else None
+        return distributed.broadcast(self.world, result)
+
+    def _validate(self) -> dict[str, Any]:
         tc = self.config.train
         nll, _ = teacher_forced_nll(self.model, self.valid_data, tc.batch_tokens, self.device,
                                     self.amp)
@@ -280,34 +373,37 @@ class Trainer:
             pending_tokens = 0
 
         self.model.train()
+        world = self.world
+        per_step = tc.accumulate_steps * world.world_size  # batches in one update, all ranks
         with _SignalFlag() as signals:
             while stop_reason is None and p.epoch < tc.max_epochs:
-                generator = torch.Generator().manual_seed(tc.seed * 100_003 + p.epoch)
-                batches = make_batches(self.train_data, self.train_indices, tc.batch_tokens,
-                                       generator)
-                bar = tqdm(total=len(batches), initial=p.batch_in_epoch,
+                batches, total = self._epoch_batches(p.epoch)
+                batches = itertools.islice(batches, p.batch_in_epoch, None)
+                bar = tqdm(total=total, initial=p.batch_in_epoch,
                            desc=f"epoch {p.epoch + 1}", unit="batch",
                            disable=not self.progress_bars, dynamic_ncols=True)
-                accumulate = tc.accumulate_steps
-                for first in range(p.batch_in_epoch, len(batches), accumulate):
-                    group = []
-                    for idx in batches[first: first + accumulate]:
-                        batch = collate(self.train_data, idx)
-                        if self.device.type == "cuda":
-                            batch = batch.pin_memory().to(self.device, non_blocking=True)
-                        group.append(batch)
+                group = list(itertools.islice(batches, per_step))
+                if not group:
+                    bar.close()
+                    raise TinytError(f"epoch {p.epoch + 1} has no training batch: no pair has "
+                                     f"1..{self.config.data.max_len} tokens on both sides; "
+                                     "check the data or raise data.max_len")
+                while group:
+                    # Read one update ahead: a stream's end is known only when it runs dry.
+                    following = list(itertools.islice(batches, per_step))
                     p.step += 1
                     warm = _warmup_lr(self.config, p.step)
                     if warm is not None:
                         for param_group in self.optimizer.param_groups:
                             param_group["lr"] = warm
-                    loss, finite = self.train_step(group)
+                    group_tokens = sum(self._n_tokens(item) for item in group)
+                    loss, finite = self.train_step(self._my_share(group), group_tokens)
                     p.batch_in_epoch += len(group)
                     bar.update(len(group))
                     if finite:
                         p.nonfinite_in_a_row = 0
                         pending_loss += loss
-                        pending_tokens += sum(b.n_tokens for b in group)
+                        pending_tokens += group_tokens
                     else:
                         p.nonfinite_steps += 1
                         p.nonfinite_in_a_row += 1
@@ -330,13 +426,18 @@ class Trainer:
                             postfix["skipped"] = p.nonfinite_steps
                         bar.set_postfix(postfix)
                         log_time = now
-                    end_of_epoch = p.batch_in_epoch == len(batches)
+                    end_of_epoch = not following
                     if end_of_epoch:
                         p.epoch += 1
                         p.batch_in_epoch = 0
+                    # A signal or the clock may reach the ranks at different steps; they
+                    # agree here, so all of them stop (and save) at the same step.
+                    interrupted, out_of_time = distributed.any_rank(
+                        world, [signals.received is not None, time.monotonic() >= deadline],
+                        self.device)
                     if tc.max_steps and p.step >= tc.max_steps:
                         stop_reason = f"reached train.max_steps={tc.max_steps}"
-                    elif time.monotonic() >= deadline:
+                    elif out_of_time:
                         stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
                     due = (tc.valid_every and p.step % tc.valid_every == 0) or \
                         (not tc.valid_every and end_of_epoch)
@@ -344,15 +445,17 @@ class Trainer:
                         flush_pending()
                         stop_reason = self._validate_and_save(start, stop_reason, bar) or stop_reason
                         log_time = time.monotonic()
-                    elif signals.received is not None or (
+                    elif interrupted or (
                             tc.checkpoint_every and p.step % tc.checkpoint_every == 0):
                         flush_pending()
                         self.save(best=False)
-                    if signals.received is not None:
+                    if interrupted:
                         bar.close()
-                        raise TrainingInterrupted(signals.received, p.step, self.run_dir)
-                    if stop_reason is not None or end_of_epoch:
+                        raise TrainingInterrupted(signals.received or signal.SIGTERM, p.step,
+                                                  self.run_dir)
+                    if stop_reason is not None:
                         break
+                    group = following
                 bar.close()
         if stop_reason is None:
             stop_reason = f"reached train.max_epochs={tc.max_epochs}"
@@ -360,6 +463,42 @@ class Trainer:
                 "best_valid_loss": p.best_valid_loss, "best_step": p.best_step,
                 "nonfinite_steps": p.nonfinite_steps,
                 "minutes": (time.monotonic() - start) / 60}
+
+    def _epoch_batches(self, epoch: int) -> tuple[Iterator[Any], int | None]:
+        """The epoch's batches in training order, the same on every rank, and their number
+        (None when streaming). Items are index tensors into train_data, or, when streaming,
+        ready Batches."""
+        tc = self.config.train
+        if self.stream is not None:
+            return iter(self.stream.batches(self.tokenizers, tc.batch_tokens,
+                                            self.config.data.max_len, tc.seed, epoch)), None
+        generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+        order = make_batches(self.train_data, self.train_indices, tc.batch_tokens, generator)
+        return iter(order), len(order)
+
+    def _n_tokens(self, item: Any) -> int:
+        """Target tokens (+ <eos>) of a batch item, without building its tensors."""
+        if isinstance(item, Batch):
+            return item.n_tokens
+        return int(self.train_data.tgt_lengths[item].sum()) + item.numel()
+
+    def _my_share(self, group: list[Any]) -> list[Batch]:
+        """This rank's batches of one update: every world_size-th of `group`, starting at its
+        rank, padded with all-padding targets (zero loss, zero gradient) so that every rank
+        runs the same number of forward/backward passes."""
+        world = self.world
+        mine = group[world.rank::world.world_size]
+        wanted = -(-len(group) // world.world_size)
+        batches = [item if isinstance(item, Batch) else collate(self.train_data, item)
+                   for item in mine]
+        while len(batches) < wanted:
+            model = batches[0] if batches else (
+                group[0] if isinstance(group[0], Batch) else collate(self.train_data, group[0]))
+            batches.append(Batch(model.src, model.tgt_in, torch.full_like(model.tgt_out, PAD_ID),
+                                 0))
+        if self.device.type == "cuda":
+            batches = [b.pin_memory().to(self.device, non_blocking=True) for b in batches]
+        return batches
 
     def _validate_and_save(self, start: float, stop_reason: str | None, bar) -> str | None:
         """Validate, log a metrics line, step the plateau schedule, save; returns a reason to
@@ -381,12 +520,13 @@ class Trainer:
                   "best": improved}
         if p.nonfinite_steps:
             record["nonfinite_steps"] = p.nonfinite_steps
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
-        message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
-                   f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
-        (bar.write if self.progress_bars else print)(message)
+        if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
+            message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
+                       f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
+            (bar.write if self.progress_bars else print)(message)
         p.window_loss, p.window_tokens = 0.0, 0
         self.save(best=improved, validation=True)
         if stop_reason is None and tc.early_stopping and p.validations_since_best >= tc.early_stopping:
@@ -431,31 +571,57 @@ def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
 
 def train(config: Config, overwrite: bool = False, resume: bool = False,
           progress_bars: bool = True) -> dict[str, Any]:
-    """Train a model as `config` says, writing everything into `config.run_dir`."""
+    """Train a model as `config` says, writing everything into `config.run_dir`.
+
+    Under torchrun every process calls this; see tinyt.distributed. Rank 0 alone prepares the
+    run directory, trains the tokenizer, caches token ids, writes files and runs the final
+    evaluation; the summary it returns is the one that counts.
+    """
     tc = config.train
+    world = distributed.world_from_environment()
     set_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    run_dir = prepare_run_dir(config, overwrite, resume)
+    distributed.start(world, resolve_device(tc.device))
+    try:
+        return _train(config, overwrite, resume, progress_bars, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
+           world: World) -> dict[str, Any]:
+    tc = config.train
+    run_dir = Path(config.run_dir)
+    distributed.main_first(world, lambda: prepare_run_dir(config, overwrite, resume),
+                           then=lambda: run_dir)
     # Read every split before anything else, so a data problem costs no training time.
     train_text = load_split(config.data, "train")
     valid_text = load_split(config.data, "valid")
     if len(train_text) == 0 or len(valid_text) == 0:
         raise TinytError(f"empty split: {train_text.name if not len(train_text) else valid_text.name}")
-    save_config(config, run_dir / "config.yaml")
-    tokenizers = train_or_load(config.tokenizer, train_text.src, train_text.tgt,
-                               run_dir / "tokenizer", tc.seed)
     cache = run_dir / "cache"
-    train_data = tokenize(train_text, tokenizers, cache, desc="tokenizing train")
-    valid_data = tokenize(valid_text, tokenizers, cache, desc="tokenizing valid")
-    trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars)
+
+    def prepare_data():
+        if world.is_main:
+            save_config(config, run_dir / "config.yaml")
+        tokenizers = train_or_load(config.tokenizer, train_text.src, train_text.tgt,
+                                   run_dir / "tokenizer", tc.seed)
+        return (tokenizers, tokenize(train_text, tokenizers, cache, desc="tokenizing train"),
+                tokenize(valid_text, tokenizers, cache, desc="tokenizing valid"))
+
+    tokenizers, train_data, valid_data = distributed.main_first(world, prepare_data)
+    trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars,
+                      world)
     if resume:
         trainer.restore(run_dir / "last.pt")
-        _trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
+        if world.is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     summary = trainer.train()
     summary.update(parameters=trainer.model.num_parameters(), train_pairs=int(
-        trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir))
-    if tc.final_eval and _has_test_split(config):
+        trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir),
+        processes=world.world_size, rank=world.rank)
+    if tc.final_eval and _has_test_split(config) and world.is_main:
         summary["final_eval"] = _final_evaluation(trainer, progress_bars)
     return summary
 
