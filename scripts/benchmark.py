@@ -123,6 +123,9 @@ def bench_decoding(translator: Translator, sentences: list[str], beam: int, labe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/multi30k_de_en.yaml")
+    parser.add_argument("--model-config",
+                        help="take the model, tokenizer and batch size from this config (e.g. "
+                             "configs/wmt14_en_de_base.yaml) and the data from --config")
     parser.add_argument("--data-dir", default="../shared/data/multi30k")
     parser.add_argument("--run", help="trained run whose weights the decoding benchmark uses")
     parser.add_argument("--cache-dir", default="runs/benchmark",
@@ -135,6 +138,10 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config, check_paths=False)
+    if args.model_config:
+        sized = load_config(args.model_config, check_paths=False)
+        config.model, config.tokenizer = sized.model, sized.tokenizer
+        config.train.batch_tokens = sized.train.batch_tokens
     config.data.dir = args.data_dir
     config.run_dir = args.cache_dir
     if args.device:
@@ -156,7 +163,8 @@ def main() -> None:
     valid_data = tokenize(valid_text, tokenizers, cache / "cache")
     trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt,
                       progress_bars=False)
-    results: dict = {"config": args.config, "device": str(trainer.device),
+    results: dict = {"config": args.config, "model_config": args.model_config or args.config,
+                     "vocab_size": tokenizers.tgt_vocab_size, "device": str(trainer.device),
                      "torch": torch.__version__, "threads": threads,
                      "parameters": trainer.model.num_parameters(),
                      "amp": str(trainer.amp).replace("torch.", "") if trainer.amp else "none",

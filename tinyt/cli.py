@@ -164,7 +164,7 @@ def train(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
         f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "
         f"{summary['best_step']}; {summary['parameters']:,} parameters on {summary['device']}"
-        f"{processes}")
+        f"{processes}, {summary['tokens_per_s']:,.0f} target tokens/s")
     final = summary.get("final_eval")
     if isinstance(final, dict):
         typer.echo(f"test split ({final['sentences']} sentences, best.pt step {final['step']}, "

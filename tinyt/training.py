@@ -359,6 +359,7 @@ class Trainer:
         tc = self.config.train
         p = self.progress
         start = time.monotonic()
+        self._trained_tokens, self._validation_seconds = 0, 0.0
         deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
         stop_reason = None
         # Loss of the steps since the last progress-bar update, kept on the device.
@@ -399,6 +400,7 @@ class Trainer:
                     group_tokens = sum(self._n_tokens(item) for item in group)
                     loss, finite = self.train_step(self._my_share(group), group_tokens)
                     p.batch_in_epoch += len(group)
+                    self._trained_tokens += group_tokens
                     bar.update(len(group))
                     if finite:
                         p.nonfinite_in_a_row = 0
@@ -462,7 +464,10 @@ class Trainer:
         return {"stop_reason": stop_reason, "steps": p.step, "epochs": p.epoch,
                 "best_valid_loss": p.best_valid_loss, "best_step": p.best_step,
                 "nonfinite_steps": p.nonfinite_steps,
-                "minutes": (time.monotonic() - start) / 60}
+                "minutes": (time.monotonic() - start) / 60,
+                # Target tokens per second of training steps (all ranks), validation excluded.
+                "tokens_per_s": self._trained_tokens / max(
+                    time.monotonic() - start - self._validation_seconds, 1e-9)}
 
     def _epoch_batches(self, epoch: int) -> tuple[Iterator[Any], int | None]:
         """The epoch's batches in training order, the same on every rank, and their number
@@ -507,7 +512,9 @@ class Trainer:
         p = self.progress
         elapsed = time.monotonic() - start
         train_loss = p.window_loss / max(p.window_tokens, 1)
+        validation_start = time.monotonic()
         result = self.validate()
+        self._validation_seconds += time.monotonic() - validation_start
         improved = result["valid_loss"] < p.best_valid_loss
         if improved:
             p.best_valid_loss, p.best_step, p.validations_since_best = result["valid_loss"], p.step, 0
