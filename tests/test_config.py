@@ -184,6 +184,8 @@ def test_top_level_not_a_mapping(tmp_path):
     ("model.activation", "tanh", "model.activation"),
     ("data.files", {"train": "train"}, "data.files"),  # valid role missing
     ("data.files", {"train": "a", "valid": "b", "dev": "c"}, "data.files"),
+    ("data.stream_buffer", 0, "data.stream_buffer"),
+    ("data.num_proc", -1, "data.num_proc"),
 ])
 def test_impossible_values_name_the_key(tmp_path, tiny_config_dict, key, value, named):
     raw = _with(tiny_config_dict, key, value)
@@ -191,6 +193,29 @@ def test_impossible_values_name_the_key(tmp_path, tiny_config_dict, key, value, 
         raw["model"]["n_heads"] = 4
     exc = _load_error(tmp_path, raw)
     assert named in str(exc), str(exc)
+
+
+def test_data_scaling_keys(tmp_path, tiny_config_dict, monkeypatch):
+    defaults = DataConfig()
+    assert (defaults.streaming, defaults.stream_buffer, defaults.num_proc) == (False, 100_000, 0)
+    raw = _with(_with(_with(tiny_config_dict, "data.streaming", True), "data.stream_buffer", 7),
+                "data.num_proc", 3)
+    config = load_config(dump_config(raw, tmp_path / "c.yaml"))
+    assert (config.data.streaming, config.data.stream_buffer, config.data.num_proc) == (True, 7, 3)
+    assert config.data.tokenize_processes == 3
+    # 0: min(4, CPU cores)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert DataConfig(num_proc=0).tokenize_processes == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert DataConfig(num_proc=0).tokenize_processes == 2
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert DataConfig(num_proc=0).tokenize_processes == 1
+    exc = _load_error(tmp_path, _with(tiny_config_dict, "data.streaming", "yes"))
+    assert "data.streaming" in str(exc) and "true or false" in str(exc)
+    exc = _load_error(tmp_path, _with(tiny_config_dict, "data.stream_buffer", 0))
+    assert "data.stream_buffer is 0; it must be >= 1" in str(exc)
+    exc = _load_error(tmp_path, _with(tiny_config_dict, "data.num_proc", 1.5))
+    assert "data.num_proc must be an integer" in str(exc)
 
 
 def test_d_model_not_divisible_by_heads_message(tmp_path, tiny_config_dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ class DataConfig:
       - format `jsonl`: `{dir}/{name}.jsonl[.gz]`, one JSON object a line.
     Fields default to the language codes (`{"de": "...", "en": "..."}`); `translation_field`
     handles hub datasets that nest pairs as `{"translation": {"de": ..., "en": ...}}`.
+
+    Corpora larger than memory: the training split is kept as a memory-mapped Arrow table and
+    tokenized into memory-mapped id arrays in the run's cache (`tinyt.data.open_corpus`,
+    `tokenize_corpus`), `num_proc` processes at a time (0: min(4, CPU cores)). With
+    `streaming: true` the training split is read as a stream instead (for hub datasets too
+    large to download whole; local files work too): `stream_buffer` pairs at a time are read,
+    tokenized and grouped into length-bucketed batches, so memory is bounded by that window and
+    shuffling happens only within it (`tinyt.data.stream_corpus`).
     """
 
     src_lang: str = "de"
@@ -57,6 +66,9 @@ class DataConfig:
     tgt_field: str | None = None
     translation_field: str | None = None
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
+    streaming: bool = False  # stream the training split instead of caching it whole
+    stream_buffer: int = 100_000  # pairs read, tokenized and length-bucketed together (streaming)
+    num_proc: int = 0  # processes tokenizing the training split; 0: min(4, CPU cores)
 
     def validate(self, check_paths: bool = True) -> None:
         _check(self.src_lang != "" and self.tgt_lang != "", "data.src_lang/tgt_lang",
@@ -66,6 +78,10 @@ class DataConfig:
         _check(self.format in ("text", "tsv", "jsonl"), "data.format",
                f"is {self.format!r}; use one of text, tsv, jsonl")
         _check(self.max_len >= 1, "data.max_len", f"is {self.max_len}; it must be >= 1")
+        _check(self.stream_buffer >= 1, "data.stream_buffer",
+               f"is {self.stream_buffer}; it must be >= 1 (pairs per streaming window)")
+        _check(self.num_proc >= 0, "data.num_proc",
+               f"is {self.num_proc}; it must be >= 0 (0: min(4, CPU cores))")
         for mapping, name in ((self.hub_splits, "data.hub_splits"), (self.files, "data.files")):
             missing = [r for r in ("train", "valid") if r not in mapping]
             _check(not missing, name, f"lacks {', '.join(missing)}; it maps train/valid/test "
@@ -76,6 +92,11 @@ class DataConfig:
         if check_paths and self.dir is not None:
             _check(Path(self.dir).is_dir(), "data.dir",
                    f"is {self.dir!r}, which is not a folder; point it at the corpus files")
+
+    @property
+    def tokenize_processes(self) -> int:
+        """`num_proc` resolved: 0 means min(4, CPU cores)."""
+        return self.num_proc or min(4, os.cpu_count() or 1)
 
     @property
     def source_field(self) -> str:
@@ -94,7 +115,10 @@ class TokenizerConfig:
     model_type: str = "unigram"  # unigram | bpe
     joint: bool = True  # one vocabulary for both languages (needed for tied embeddings)
     character_coverage: float = 1.0
-    max_sentences: int = 2_000_000  # bound on the random sample SentencePiece trains on
+    # Bound on SentencePiece's training text: a seeded random sample of this many pairs of the
+    # training split (all of them, in order, when the split is smaller; the first ones when
+    # streaming), and at most this many lines per model after that.
+    max_sentences: int = 2_000_000
 
     def validate(self) -> None:
         _check(self.vocab_size >= 16, "tokenizer.vocab_size",
