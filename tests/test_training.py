@@ -147,3 +147,28 @@ def test_accumulate_steps_in_the_loop(tmp_path, short_pairs):
                  for epoch in range(2)]
     assert min(per_epoch) > 3
     assert summary["steps"] == sum(-(-n // 3) for n in per_epoch)  # ceil: a short last update
+
+
+def test_streaming_training_covers_the_stream_and_resumes_exactly(tmp_path, short_pairs):
+    """data.streaming: every epoch reads the whole stream (in windows of stream_buffer pairs),
+    and a resumed run re-reads the stream up to its position and continues exactly."""
+    write_pairs(tmp_path, "train", short_pairs[:60])
+    write_pairs(tmp_path, "val", short_pairs[60:70])
+    raw = tiny_config(tmp_path / "a", tmp_path, max_steps=24, valid_every=8, batch_tokens=300)
+    raw["data"].update(streaming=True, stream_buffer=25)  # 3 windows an epoch
+    raw["model"]["dropout"] = 0.2
+    straight = config_from_dict(raw)
+    summary = train(straight, progress_bars=False)
+    assert summary["steps"] == 24 and summary["epochs"] >= 2 and summary["train_pairs"] is None
+
+    raw["run_dir"] = str(tmp_path / "b")
+    raw["train"]["max_steps"] = 12
+    interrupted = config_from_dict(raw)
+    train(interrupted, progress_bars=False)
+    interrupted.train.max_steps = 24
+    train(interrupted, resume=True, progress_bars=False)
+    a = load_checkpoint(Path(straight.run_dir) / "last.pt")
+    b = load_checkpoint(Path(interrupted.run_dir) / "last.pt")
+    assert a["progress"] == b["progress"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

@@ -159,7 +159,8 @@ def train(
         raise typer.Exit(128 + stop.signum)
     if summary["rank"] != 0:
         return  # under torchrun, rank 0 reports for every process
-    processes = f" x {summary['processes']} processes" if summary["processes"] > 1 else ""
+    processes = (f" x {summary['processes']} processes ({summary['backend']})"
+                 if summary["backend"] else "")
     typer.echo(
         f"done: {summary['stop_reason']}; {summary['steps']} steps, {summary['epochs']} epochs, "
         f"{summary['minutes']:.1f} min; best valid loss {summary['best_valid_loss']:.3f} at step "

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
                               save_checkpoint, validation_checkpoint_name)
 from tinyt.config import Config, save_config
-from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, tokenize,
-                        trainable_indices)
+from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, open_corpus,
+                        stream_corpus, tokenize, tokenize_corpus, trainable_indices)
 from tinyt.distributed import World
 from tinyt import distributed
 from tinyt.errors import TinytError
@@ -598,36 +598,53 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
 
 def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
            world: World) -> dict[str, Any]:
-    tc = config.train
+    tc, dc = config.train, config.data
     run_dir = Path(config.run_dir)
+    cache = run_dir / "cache"
     distributed.main_first(world, lambda: prepare_run_dir(config, overwrite, resume),
                            then=lambda: run_dir)
-    # Read every split before anything else, so a data problem costs no training time.
-    train_text = load_split(config.data, "train")
-    valid_text = load_split(config.data, "valid")
-    if len(train_text) == 0 or len(valid_text) == 0:
-        raise TinytError(f"empty split: {train_text.name if not len(train_text) else valid_text.name}")
-    cache = run_dir / "cache"
 
-    def prepare_data():
-        if world.is_main:
-            save_config(config, run_dir / "config.yaml")
-        tokenizers = train_or_load(config.tokenizer, train_text.src, train_text.tgt,
-                                   run_dir / "tokenizer", tc.seed)
-        return (tokenizers, tokenize(train_text, tokenizers, cache, desc="tokenizing train"),
-                tokenize(valid_text, tokenizers, cache, desc="tokenizing valid"))
+    # Open every split before anything else, so a data problem costs no training time. The
+    # training split stays on disk (memory-mapped Arrow) or, streaming, is read as needed.
+    def open_data():
+        corpus = stream_corpus(dc, "train") if dc.streaming else open_corpus(dc, "train", cache)
+        valid = load_split(dc, "valid")
+        if (not dc.streaming and len(corpus) == 0) or len(valid) == 0:
+            raise TinytError(f"empty split: {valid.name if len(valid) == 0 else corpus.name}")
+        return corpus, valid
 
-    tokenizers, train_data, valid_data = distributed.main_first(world, prepare_data)
+    train_corpus, valid_text = distributed.main_first(world, open_data)
+
+    def prepare_tokens():
+        save_config(config, run_dir / "config.yaml")
+        src, tgt = train_corpus.sample(config.tokenizer.max_sentences, tc.seed)
+        tokenizers = train_or_load(config.tokenizer, src, tgt, run_dir / "tokenizer", tc.seed)
+        del src, tgt
+        return tokenizers, *tokenize_data(tokenizers)
+
+    def tokenize_data(tokenizers: Tokenizers):
+        train_data = None if dc.streaming else tokenize_corpus(
+            train_corpus, tokenizers, cache, dc.tokenize_processes, desc="tokenizing train")
+        return train_data, tokenize(valid_text, tokenizers, cache, desc="tokenizing valid")
+
+    def load_prepared():  # ranks > 0: rank 0 has trained the tokenizer and cached the ids
+        tokenizers = Tokenizers.load(run_dir / "tokenizer")
+        return tokenizers, *tokenize_data(tokenizers)
+
+    tokenizers, train_data, valid_data = distributed.main_first(world, prepare_tokens,
+                                                                then=load_prepared)
     trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars,
-                      world)
+                      world, stream=train_corpus if dc.streaming else None)
     if resume:
         trainer.restore(run_dir / "last.pt")
         if world.is_main:
             _trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     summary = trainer.train()
-    summary.update(parameters=trainer.model.num_parameters(), train_pairs=int(
-        trainer.train_indices.numel()), device=str(trainer.device), run_dir=str(run_dir),
-        processes=world.world_size, rank=world.rank)
+    summary.update(
+        parameters=trainer.model.num_parameters(), device=str(trainer.device),
+        train_pairs=None if dc.streaming else int(trainer.train_indices.numel()),
+        run_dir=str(run_dir), processes=world.world_size, rank=world.rank,
+        backend=torch.distributed.get_backend() if world.launched else None)
     if tc.final_eval and _has_test_split(config) and world.is_main:
         summary["final_eval"] = _final_evaluation(trainer, progress_bars)
     return summary
