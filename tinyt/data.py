@@ -340,6 +340,9 @@ _CHUNK_PAIRS = 10_000
 # corpora are tokenized in the calling process (its output is the same either way).
 MIN_PAIRS_PER_PROCESS = 50_000
 _TOKEN_ARRAYS = ("src_ids", "src_offsets", "tgt_ids", "tgt_offsets")
+# Seconds before a progress bar of these steps appears: quick ones (small corpora, or an error
+# found in the next split) leave nothing on the terminal.
+_BAR_DELAY = 1.0
 
 
 def _digest(*parts: Any) -> str:
@@ -406,7 +409,8 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
     Local text files are read line by line into `cache_dir/corpus-KEY.arrow`; TSV/JSONL files
     and hub datasets are loaded by `datasets` (its own Arrow cache in `cache_dir/datasets/`)
     and their two fields copied into `corpus-KEY.arrow` by a cached `datasets.map`. A second
-    call with unchanged input opens the cached table without reading the input again.
+    call with unchanged local files opens the cached table without reading them again (hub
+    data: `datasets` finds its download in its cache, the map finds its output).
     """
     import datasets
 
@@ -422,14 +426,17 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
             _write_pairs_arrow(_text_pair_stream(src_path, tgt_path), path, f"reading {name}")
             dataset = datasets.Dataset.from_file(str(path))
         return Corpus(dataset, f"{src_path} / {tgt_path}", key)
+    fields = [config.source_field, config.target_field, config.translation_field]
     if config.dir is not None:
         path = _table_file(config, name)
+        label, key = str(path), _digest(config.format, _file_identity(path), *fields)
+        cached = _open_arrow(cache_dir / f"corpus-{key}.arrow")
+        if cached is not None:  # known before parsing the file: no need to parse it again
+            return Corpus(cached, label, key)
         table = _load_table_file(config, path, cache_dir / "datasets")
-        label, origin = str(path), [config.format, _file_identity(path)]
     else:
         table = _load_hub_table(config, name, cache_dir / "datasets")
-        label, origin = _hub_label(config, name), ["hub", table._fingerprint]
-    key = _digest(*origin, config.source_field, config.target_field, config.translation_field)
+        label, key = _hub_label(config, name), _digest("hub", table._fingerprint, *fields)
     _check_fields(list(table.column_names), table[0] if len(table) else None, config, label)
     dataset = table.map(
         _pair_columns, batched=True, batch_size=_CHUNK_PAIRS,
@@ -481,7 +488,8 @@ def _write_pairs_arrow(pairs: Iterable[tuple[str, str]], path: Path, desc: str) 
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
-                tqdm(desc=desc, unit="sent", leave=False, dynamic_ncols=True) as bar:
+                tqdm(desc=desc, unit="sent", leave=False, dynamic_ncols=True,
+                     delay=_BAR_DELAY) as bar:
             for chunk in _chunks(pairs, _CHUNK_PAIRS):
                 src, tgt = zip(*chunk)
                 writer.write_batch(pa.record_batch(
@@ -565,7 +573,7 @@ def _write_token_arrays(encoded: datasets.Dataset, folder: Path, desc: str) -> N
     try:
         with contextlib.ExitStack() as stack, tqdm(total=len(encoded), unit="sent", leave=False,
                                                     desc=f"{desc} (saving ids)",
-                                                    dynamic_ncols=True) as bar:
+                                                    dynamic_ncols=True, delay=_BAR_DELAY) as bar:
             files = {}
             for side, total in totals.items():
                 files[f"{side}_ids"] = stack.enter_context(
