@@ -607,8 +607,8 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
     # Open every split before anything else, so a data problem costs no training time. The
     # training split stays on disk (memory-mapped Arrow) or, streaming, is read as needed.
     def open_data():
+        valid = load_split(dc, "valid")  # small, and quick to fail on a missing file
         corpus = stream_corpus(dc, "train") if dc.streaming else open_corpus(dc, "train", cache)
-        valid = load_split(dc, "valid")
         if (not dc.streaming and len(corpus) == 0) or len(valid) == 0:
             raise TinytError(f"empty split: {valid.name if len(valid) == 0 else corpus.name}")
         return corpus, valid
