@@ -436,6 +436,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
             time.sleep(0.01)
 
     import datasets, torch
+    # One thread: two OpenMP threads spin-waiting on a busy 2-core machine made the loop of
+    # small gathers below 7x slower (memory is the same either way).
+    torch.set_num_threads(1)
     from tinyt.config import DataConfig
     from tinyt.data import collate, make_batches, open_corpus, tokenize_corpus, trainable_indices
     from tinyt.tokenizer import Tokenizers
@@ -492,14 +495,15 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     one = measure_peak_memory(small, tmp_path / "tok", tmp_path / "cache1")
     ten = measure_peak_memory(large, tmp_path / "tok", tmp_path / "cache10")
     assert (one["pairs"], ten["pairs"]) == (default, 10 * default)
-    # Measured on the 2-core development machine (MiB, 1x -> 10x):
-    #   this path (open_corpus + tokenize_corpus): peak RSS 370 -> 483 (+113), peak anonymous
-    #     232 -> 251 (+19); the growth of peak RSS is file-backed pages of the memory-mapped
-    #     corpus (38 MiB at 10x) and token ids (70 MiB), which the kernel can drop at will;
-    #   the old in-memory path (load_split + tokenize, as of a0b7a01): peak RSS 405 -> 1166
-    #     (+761), anonymous 283 -> 1044 (+761);
-    #   load_split + tokenize with today's chunked id flattening: 358 -> 567 (+209), anonymous
-    #     229 -> 443 (+214).
+    # Measured on the 2-core development machine with this script (MiB, 1x -> 10x):
+    #   this path (open_corpus + tokenize_corpus): peak RSS 372 -> 484 (+112), peak anonymous
+    #     memory 230 -> 247 (+17). The growth of peak RSS is file-backed pages of the
+    #     memory-mapped corpus (38 MiB at 10x) and token ids (70 MiB), which the kernel can
+    #     drop at will; the +17 MiB are make_batches' per-pair index arrays;
+    #   the old in-memory path (load_split + tokenize as of a0b7a01): peak RSS 405 -> 1147
+    #     (+742), anonymous 283 -> 1026 (+743);
+    #   load_split + tokenize with today's chunked id flattening: peak RSS 357 -> 566 (+209),
+    #     anonymous 229 -> 435 (+206).
     # The margins sit between this path and the in-memory ones.
     assert ten["peak_rss"] - one["peak_rss"] < 250, (one, ten)
     assert ten["peak_anon"] - one["peak_anon"] < 80, (one, ten)
