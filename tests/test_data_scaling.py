@@ -126,7 +126,8 @@ def test_hub_tables_are_flattened(monkeypatch, tmp_path):
 
     monkeypatch.setattr(data_mod, "_load_hub_table", fake_hub)
     corpus = open_corpus(DataConfig(translation_field="translation"), "valid", tmp_path)
-    assert seen == {"name": "validation", "cache_dir": tmp_path / "datasets", "streaming": False}
+    # the download stays in datasets' shared cache, not the run's
+    assert seen == {"name": "validation", "cache_dir": None, "streaming": False}
     assert corpus.dataset.column_names == ["src", "tgt"]
     assert corpus.sample(9, 0) == (["Ein Hund.", "Zwei."], ["A dog.", ""])
     assert "bentrevett/multi30k" in corpus.name and "'validation'" in corpus.name

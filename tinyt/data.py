@@ -435,7 +435,9 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
             return Corpus(cached, label, key)
         table = _load_table_file(config, path, cache_dir / "datasets")
     else:
-        table = _load_hub_table(config, name, cache_dir / "datasets")
+        # Hub downloads go to datasets' shared cache (HF_DATASETS_CACHE), not the run's: a
+        # second run, or a second config over the same corpus, must not download it again.
+        table = _load_hub_table(config, name)
         label, key = _hub_label(config, name), _digest("hub", table._fingerprint, *fields)
     _check_fields(list(table.column_names), table[0] if len(table) else None, config, label)
     dataset = table.map(
