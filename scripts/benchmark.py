@@ -61,8 +61,8 @@ def bench_training(config: Config, trainer: Trainer, warmup: int, steps: int) ->
     # Padding over a whole epoch's batches, as training sees it.
     real_src = real_tgt = slots_src = slots_tgt = 0
     for idx in batches:
-        s = data.src_lengths[idx] + 1
-        t = data.tgt_lengths[idx] + 1
+        s = data.src_lengths_at(idx) + 1
+        t = data.tgt_lengths_at(idx) + 1
         real_src += int(s.sum()); real_tgt += int(t.sum())
         slots_src += len(idx) * int(s.max()); slots_tgt += len(idx) * int(t.max())
     device = trainer.device

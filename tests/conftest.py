@@ -146,3 +146,18 @@ def tiny_config_for():
 def corpus_lines():
     """`corpus_lines(corpus_dir, split, lang, n=None) -> list[str]` from the real corpus."""
     return read_corpus_lines
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Hugging Face hub switched off, so a hub load fails at once."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # The variables are read when huggingface_hub/datasets are imported, which an earlier test
+    # may have done: set their flags too, or each load waits for network timeouts (~20 s).
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

@@ -486,17 +486,7 @@ def test_tokenize_empty_text(tokenizers, tmp_path):
 # -- the hub path (the hub is unreachable here: its failure, and its table handling) -------
 
 
-def test_hub_unreachable_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    # The variables are read when huggingface_hub/datasets are imported, which an earlier test
-    # may have done: set their flags too, or each load waits for network timeouts (~20 s).
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+def test_hub_unreachable_is_a_clear_error(hub_offline):
     with pytest.raises(TinytError, match=r"cannot load hub dataset bentrevett/multi30k.*data\.dir"):
         load_split(DataConfig(), "train")
 

@@ -144,17 +144,7 @@ def test_hub_tables_are_flattened(monkeypatch, tmp_path):
     assert stream.sample(9, 0) == (["Ein Hund.", "Zwei."], ["A dog.", ""])
 
 
-def test_hub_unreachable_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    # The variables are read when huggingface_hub/datasets are imported, which an earlier test
-    # may have done: set their flags too, or each load waits for network timeouts (~20 s).
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+def test_hub_unreachable_is_a_clear_error(hub_offline, tmp_path):
     pattern = r"cannot load hub dataset bentrevett/multi30k.*data\.dir"
     with pytest.raises(TinytError, match=pattern):
         open_corpus(DataConfig(), "train", tmp_path / "cache")

@@ -50,6 +50,15 @@ def tiny_config(tmp_path: Path, data_dir: Path, **train_overrides) -> dict:
     }
 
 
+def assert_same_last_checkpoint(run_a: str, run_b: str) -> None:
+    """The two runs' last.pt hold the same progress and bit-identical weights."""
+    a = load_checkpoint(Path(run_a) / "last.pt")
+    b = load_checkpoint(Path(run_b) / "last.pt")
+    assert a["progress"] == b["progress"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 def test_tiny_model_overfits_a_small_corpus(tmp_path, short_pairs):
     pairs = short_pairs[:100]
     write_pairs(tmp_path, "train", pairs)
@@ -88,11 +97,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, short_pairs):
     interrupted.train.max_steps = 30
     train(interrupted, resume=True, progress_bars=False)
 
-    a = load_checkpoint(Path(straight.run_dir) / "last.pt")
-    b = load_checkpoint(Path(interrupted.run_dir) / "last.pt")
-    assert a["progress"] == b["progress"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)
     lines_a = (Path(straight.run_dir) / "metrics.jsonl").read_text().splitlines()
     lines_b = (Path(interrupted.run_dir) / "metrics.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
@@ -167,8 +172,4 @@ def test_streaming_training_covers_the_stream_and_resumes_exactly(tmp_path, shor
     train(interrupted, progress_bars=False)
     interrupted.train.max_steps = 24
     train(interrupted, resume=True, progress_bars=False)
-    a = load_checkpoint(Path(straight.run_dir) / "last.pt")
-    b = load_checkpoint(Path(interrupted.run_dir) / "last.pt")
-    assert a["progress"] == b["progress"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)

@@ -17,7 +17,7 @@ from typing import List, Optional
 import typer
 
 from tinyt import __version__
-from tinyt.errors import TinytError
+from tinyt.errors import MainProcessFailed, TinytError
 
 app = typer.Typer(
     name="tinyt", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,7 +55,7 @@ def friendly_errors(command):
         except TinytError as exc:
             if _verbose():
                 traceback.print_exc()
-            if type(exc).__name__ == "MainProcessFailed":
+            if isinstance(exc, MainProcessFailed):
                 raise typer.Exit(2)  # a torchrun worker: rank 0 has printed the reason
             _fail(_rank_prefix() + str(exc))
         except KeyboardInterrupt:

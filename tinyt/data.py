@@ -263,6 +263,14 @@ class TokenizedText:
     def tgt_lengths(self) -> torch.Tensor:
         return self.tgt_offsets[1:] - self.tgt_offsets[:-1]
 
+    def src_lengths_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """(len(indices),) source lengths of those pairs only: per batch, where the whole
+        src_lengths would read every offset of the corpus."""
+        return self.src_offsets[indices + 1] - self.src_offsets[indices]
+
+    def tgt_lengths_at(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.tgt_offsets[indices + 1] - self.tgt_offsets[indices]
+
     def src(self, i: int) -> torch.Tensor:
         return self.src_ids[self.src_offsets[i]: self.src_offsets[i + 1]]
 
@@ -326,8 +334,7 @@ def tokenize(text: ParallelText, tokenizers: Tokenizers, cache_dir: str | Path |
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
-        torch.save({"src_ids": result.src_ids, "src_offsets": result.src_offsets,
-                    "tgt_ids": result.tgt_ids, "tgt_offsets": result.tgt_offsets}, tmp)
+        torch.save(vars(result), tmp)
         tmp.replace(cache_path)
     return result
 
@@ -715,7 +722,7 @@ def _gather_padded(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tens
 def collate(data: TokenizedText, indices: torch.Tensor) -> Batch:
     """Build the padded tensors for the pairs `indices` of `data`."""
     rows = torch.arange(indices.numel())
-    src_len, tgt_len = data.src_lengths[indices], data.tgt_lengths[indices]
+    src_len, tgt_len = data.src_lengths_at(indices), data.tgt_lengths_at(indices)
     src = _gather_padded(data.src_ids, data.src_offsets[indices], src_len, int(src_len.max()) + 1)
     src[rows, src_len] = EOS_ID
     # body: y1 … yn then padding, one column wider than the longest target

@@ -22,18 +22,13 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from tinyt.errors import TinytError
+from tinyt.errors import MainProcessFailed, TinytError
 
 T = TypeVar("T")
 
 # One-off work on rank 0 (tokenizing a large corpus, validating) can keep the other ranks
 # waiting in a collective far longer than torch's default timeout allows.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-class MainProcessFailed(TinytError):
-    """Raised on ranks > 0 when rank 0 failed in work it did for everyone; rank 0 reports the
-    reason itself, so the others exit without repeating it."""
 
 
 @dataclass(frozen=True)
@@ -103,12 +98,12 @@ def broadcast(world: World, value: T) -> T:
     return box[0]
 
 
-def gather(world: World, value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order, on every rank."""
+def gather(world: World, value: Any) -> list[Any] | None:
+    """Every rank's `value`, in rank order, on rank 0; None on the others."""
     if not world.launched:
         return [value]
-    out: list[Any] = [None] * world.world_size
-    dist.all_gather_object(out, value)
+    out: list[Any] | None = [None] * world.world_size if world.is_main else None
+    dist.gather_object(value, out, dst=0)
     return out
 
 

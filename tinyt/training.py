@@ -103,6 +103,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """The dropout seed of a rank > 0 (rank 0 keeps the run's seed, as a single process)."""
+    return seed + 1_000_003 * rank
+
+
 def _warmup_lr(config: Config, step: int) -> float | None:
     """The learning rate during linear warmup at `step` (1-based), or None once it is over."""
     warmup = config.train.warmup_steps
@@ -171,7 +176,7 @@ class Trainer:
         if world.rank > 0:
             # Same initial weights on every rank (seeded before the model was built), but
             # each rank draws its own dropout masks.
-            torch.manual_seed(tc.seed + 1_000_003 * world.rank)
+            torch.manual_seed(_rank_seed(tc.seed, world.rank))
         loss: nn.Module = TeacherForcedLoss(self.model, tc.label_smoothing)
         if world.launched:
             # Positional encodings are the only buffers and never change: no need to
@@ -203,14 +208,14 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, rng: dict[str, Any]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": vars(self.progress).copy(),
-            "rng": _rng_state(),
+            "rng": rng,
             "tokenizer_fingerprint": self.tokenizers.fingerprint,
             "config": self.config.to_dict(),
         }
@@ -225,12 +230,12 @@ class Trainer:
         previous last.pt, redoes these steps bit for bit and rewrites the other files with the
         same weights, so they never run ahead of or fall behind the resumable state.
         """
-        payload = self._payload()
         # Every rank's random state, so a resume with as many processes redraws the same
         # dropout masks everywhere; "rng" alone (rank 0's) is what a single process uses.
-        rank_states = distributed.gather(self.world, payload["rng"])
+        rank_states = distributed.gather(self.world, _rng_state())
         if not self.world.is_main:
             return
+        payload = self._payload(rank_states[0])
         if self.world.world_size > 1:
             payload["rng_ranks"] = rank_states
         weights_only = {k: payload[k] for k in ("model", "progress", "tokenizer_fingerprint",
@@ -269,7 +274,7 @@ class Trainer:
         else:
             # Saved by a different number of processes: rank 0 continues the saved stream,
             # the others start fresh dropout streams of their own.
-            torch.manual_seed(self.config.train.seed + 1_000_003 * self.world.rank
+            torch.manual_seed(_rank_seed(self.config.train.seed, self.world.rank)
                               + self.progress.step)
 
     # -- one optimisation step ---------------------------------------------------------------
@@ -485,22 +490,22 @@ class Trainer:
         """Target tokens (+ <eos>) of a batch item, without building its tensors."""
         if isinstance(item, Batch):
             return item.n_tokens
-        return int(self.train_data.tgt_lengths[item].sum()) + item.numel()
+        return int(self.train_data.tgt_lengths_at(item).sum()) + item.numel()
+
+    def _as_batch(self, item: Any) -> Batch:
+        return item if isinstance(item, Batch) else collate(self.train_data, item)
 
     def _my_share(self, group: list[Any]) -> list[Batch]:
         """This rank's batches of one update: every world_size-th of `group`, starting at its
         rank, padded with all-padding targets (zero loss, zero gradient) so that every rank
         runs the same number of forward/backward passes."""
         world = self.world
-        mine = group[world.rank::world.world_size]
-        wanted = -(-len(group) // world.world_size)
-        batches = [item if isinstance(item, Batch) else collate(self.train_data, item)
-                   for item in mine]
-        while len(batches) < wanted:
-            model = batches[0] if batches else (
-                group[0] if isinstance(group[0], Batch) else collate(self.train_data, group[0]))
-            batches.append(Batch(model.src, model.tgt_in, torch.full_like(model.tgt_out, PAD_ID),
-                                 0))
+        batches = [self._as_batch(item) for item in group[world.rank::world.world_size]]
+        missing = -(-len(group) // world.world_size) - len(batches)
+        if missing:
+            shape = batches[0] if batches else self._as_batch(group[0])
+            padding = Batch(shape.src, shape.tgt_in, torch.full_like(shape.tgt_out, PAD_ID), 0)
+            batches += [padding] * missing
         if self.device.type == "cuda":
             batches = [b.pin_memory().to(self.device, non_blocking=True) for b in batches]
         return batches
@@ -510,9 +515,9 @@ class Trainer:
         stop early, if any."""
         tc = self.config.train
         p = self.progress
-        elapsed = time.monotonic() - start
-        train_loss = p.window_loss / max(p.window_tokens, 1)
         validation_start = time.monotonic()
+        elapsed = validation_start - start
+        train_loss = p.window_loss / max(p.window_tokens, 1)
         result = self.validate()
         self._validation_seconds += time.monotonic() - validation_start
         improved = result["valid_loss"] < p.best_valid_loss
