@@ -39,15 +39,32 @@ def tinyt_cli(*args, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def start_and_wait_for_checkpoint(config_path: Path, run_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tinyt", "train", "--config", str(config_path)],
+def start_training(config_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tinyt", "train", "--config", str(config_path)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
-        time.sleep(0.02)
-    return proc
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step last.pt reports, or -1 before the first one."""
+    try:
+        return load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    except (FileNotFoundError, TinytError):
+        return -1
+
+
+def freeze_when(proc: subprocess.Popen, condition) -> None:
+    """Let the run go on until `condition()` holds, then freeze it with SIGSTOP (the caller
+    kills it, or signals it and sends SIGCONT). The moment is set by the run's own progress,
+    never by the clock: `condition` is checked again once the process is frozen, so it holds
+    while the process stays stopped, however fast or slow the machine."""
+    while True:
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.communicate()}"
+        if condition():
+            proc.send_signal(signal.SIGSTOP)
+            if condition():
+                return
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
 
 
 def same_weights(a: Path, b: Path) -> None:
@@ -79,11 +96,14 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(
     run_dir = tmp_path / "run"
     config = write_config(long_run_config(tiny_config_for, module_small_corpus, run_dir),
                           tmp_path / "config.yaml")
-    proc = start_and_wait_for_checkpoint(config, run_dir)
-    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    # Killed wherever it is once a checkpoint at or after a random step has been written
+    # (a save cut short midway is test_interrupted_save_leaves_the_previous_checkpoint_loadable).
+    target = random.Random(seed).randint(1, 150)
+    proc = start_training(config)
+    freeze_when(proc, lambda: checkpoint_step(run_dir) >= target)
     proc.kill()
     proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "finished before the kill: make the run longer"
+    assert proc.returncode == -signal.SIGKILL
     killed_at = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
     assert 0 < killed_at < 240
     result = tinyt_cli("train", "--resume", run_dir)
@@ -102,15 +122,16 @@ def test_signal_finishes_the_step_saves_and_exits(
     raw["train"]["checkpoint_every"] = 1000  # only the signal and validations save
     raw["train"]["valid_every"] = 20
     config = write_config(raw, tmp_path / "config.yaml")
-    proc = start_and_wait_for_checkpoint(config, run_dir)
-    first = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
-    time.sleep(0.3)
-    proc.send_signal(sig)
+    proc = start_training(config)
+    freeze_when(proc, lambda: checkpoint_step(run_dir) >= 1)
+    first = checkpoint_step(run_dir)
+    proc.send_signal(sig)  # delivered when the frozen process goes on
+    proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr[-2000:]
     assert f"tinyt train --resume {run_dir}" in stderr
     stopped = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
-    assert stopped >= first
+    assert first <= stopped < 240
     result = tinyt_cli("train", "--resume", run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     final = load_checkpoint(run_dir / "last.pt")
