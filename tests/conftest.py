@@ -150,14 +150,16 @@ def corpus_lines():
 
 @pytest.fixture
 def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The Hugging Face hub switched off, so a hub load fails at once."""
+    """The Hugging Face hub switched off and an empty datasets cache, so a hub load fails at
+    once (whatever this machine's own cache holds)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     # The variables are read when huggingface_hub/datasets are imported, which an earlier test
-    # may have done: set their flags too, or each load waits for network timeouts (~20 s).
+    # may have done: set their flags and the cache path too (tinyt reads the variables itself).
     import datasets
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")

@@ -181,7 +181,7 @@ def test_bundle_holds_the_run_config_tokenizers_and_weights(run_dir, bundle):
 
 def test_bundle_loads_with_weights_only(bundle):
     raw = torch.load(bundle, map_location="cpu", weights_only=True)
-    assert raw["format"] == "tinyt-bundle" and raw["bundle_version"] == 1
+    assert raw["format"] == "tinyt-bundle" and raw["bundle_version"] == 2
     assert raw["tokenizer"]["models"]["joint"].dtype == torch.uint8
 
 

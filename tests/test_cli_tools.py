@@ -1,13 +1,16 @@
 """--set overrides, `tinyt config`, --verbose, streaming translation and the ready configs."""
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tinyt.cli import app, stream_translations
+from tinyt.cli import _argument_text, app, main, stream_translations
 from tinyt.config import ConfigError, apply_overrides, load_config, override_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +149,81 @@ def test_shell_completion_offers_commands():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.split() == ["evaluate", "export"], out.stdout + out.stderr
+
+
+# -- every problem outside a command is one line too ---------------------------------------
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() wraps it; put it back afterwards
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["evaluate", "--beam", "0"], "--beam"),
+    (["translate", "--beam", "abc", "x"], "--beam"),
+    (["translate", "--beam", "10000", "x"], "--beam"),
+    (["translate", "--length-penalty", "-1", "x"], "--length-penalty"),
+    (["average", "-n", "0"], "--last"),
+    (["train", "--no-such-option"], "--no-such-option"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, args, words):
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and words in lines[0]
+    assert "╭" not in err and "Usage:" not in err
+
+
+def test_an_unexpected_error_outside_a_command_is_one_line_with_exit_code_1(monkeypatch,
+                                                                              capsys):
+    import tinyt.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("something nobody expected")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.delenv("TINYT_TRACEBACK", raising=False)
+    code, _, err = run_main(monkeypatch, capsys, "info")
+    assert code == 1 and err.strip() == ("error: unexpected ValueError: something nobody "
+                                         "expected (run with --verbose for the traceback, and "
+                                         "please report it)")
+
+
+def test_arguments_with_invalid_utf8_become_replacement_characters():
+    raw = b"Ein Hund \xff\xfe l\xc3\xa4uft"
+    arg = raw.decode("utf-8", "surrogateescape")  # what Python puts in sys.argv
+    assert _argument_text(arg) == "Ein Hund \ufffd\ufffd läuft"
+    assert _argument_text("plain") == "plain"
+
+
+def tinyt_process(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TINYT_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", "tinyt", *args], cwd=REPO, env=env,
+                          capture_output=False, timeout=120, **kwargs)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--version"], ["config", "validate", "configs/tiny.yaml"]])
+def test_a_full_stdout_is_one_line_with_exit_code_2(args):
+    with open("/dev/full", "w") as full:
+        result = tinyt_process(*args, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: no space left on the device holding standard output; free space there (or "
+        "choose another location), then run the command again"]
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written: EPIPE, every time
+    try:
+        result = tinyt_process("config", "validate", "configs/tiny.yaml", stdout=write_end,
+                               stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1 and result.stderr == ""

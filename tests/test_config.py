@@ -12,10 +12,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyt.config import (Config, ConfigError, DataConfig, DecodingConfig, ModelConfig,
-                          TokenizerConfig, TrainConfig, config_from_dict, load_config,
+from tinyt.config import (MAX_BEAM_SIZE, Config, ConfigError, DataConfig, DecodingConfig,
+                          ModelConfig, TokenizerConfig, TrainConfig, apply_overrides,
+                          config_from_dict, load_config, override_config, parse_yaml,
                           save_config)
 from tinyt.errors import TinytError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _with(base: dict, dotted: str, value) -> dict:
@@ -387,3 +390,80 @@ def test_junk_values_give_config_or_config_error(tmp_path, entries):
                                                                          bool)
         assert isinstance(config.train.lr, float) and config.train.lr > 0
         assert isinstance(config.train.betas, tuple) and len(config.train.betas) == 2
+
+
+# -- numbers the machine cannot handle, hostile YAML ---------------------------------------
+
+
+def test_a_billion_laughs_config_is_refused_at_once(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        name, prev = chr(97 + i), chr(96 + i)
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 10)}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="aliases expand"):
+        apply_overrides({}, ["run_dir=" + "; ".join(lines).replace("; ", "\n")])
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.001\n  seed: 3\n  lr: 0.1\n")
+    with pytest.raises(ConfigError,
+                       match=r"duplicate key 'lr' \(first given at line 2\) at line 4"):
+        load_config(path)
+    # a merge key may be overridden by an explicit key
+    assert parse_yaml("base: &b {x: 1}\nm:\n  <<: *b\n  x: 2\n")["m"] == {"x": 2}
+
+
+@pytest.mark.parametrize("text", ["a: &a [*a]", "[" * 5000 + "]" * 5000])
+def test_endless_and_absurdly_deep_yaml_is_one_line(text):
+    with pytest.raises(ConfigError):
+        parse_yaml(text)
+
+
+def test_values_quoted_in_errors_are_cut_short():
+    config = load_config(REPO / "configs" / "tiny.yaml", check_paths=False)
+    for override in ("train.device=" + "y" * 100_000, "model.d_model=[" + "1," * 50_000 + "1]",
+                     "train.nope" + "x" * 10_000 + "=1"):
+        with pytest.raises(ConfigError) as info:
+            override_config(config, [override], check_paths=False)
+        assert "x" * 100 not in str(info.value) and "y" * 100 not in str(info.value)
+        assert len(str(info.value)) < 600  # the known keys are listed, the value is cut
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.d_model=1000000000000", "more than this machine's"),
+    ("model.max_positions=100000000000", "lower model.max_positions"),
+    ("decoding.max_len_offset=100000000000000000000", "decoding.max_len_offset"),
+    ("train.lr=.inf", "train.lr must be a finite number"),
+    ("train.lr=.nan", "train.lr must be a finite number"),
+    ("train.eps=.inf", "train.eps must be a finite number"),
+    ("train.lr=100.0", "use a learning rate in (0, 10]"),
+    ("train.max_minutes=.inf", "train.max_minutes"),
+    ("decoding.beam_size=10000", f"use a value in [1, {MAX_BEAM_SIZE}]"),
+    ("train.num_threads=1000000000", "train.num_threads"),
+    ("train.batch_tokens=1099511627776", "train.batch_tokens"),
+    ("tokenizer.vocab_size=1000000000", "tokenizer.vocab_size"),
+])
+def test_numbers_the_machine_cannot_handle_are_refused_before_work(override, words):
+    config = load_config(REPO / "configs" / "tiny.yaml", check_paths=False)
+    with pytest.raises(ConfigError) as info:
+        override_config(config, [override], check_paths=False)
+    assert words in str(info.value)
+
+
+def test_seeds_are_what_every_random_number_generator_takes():
+    config = load_config(REPO / "configs" / "tiny.yaml", check_paths=False)
+    for seed in (-1, 2**32):  # SentencePiece's seed is an unsigned 32-bit number
+        with pytest.raises(ConfigError, match=f"train.seed is {seed}; use a value in"):
+            override_config(config, [f"train.seed={seed}"], check_paths=False)
+    assert override_config(config, ["train.seed=4294967295"], check_paths=False).train.seed == \
+        2**32 - 1
+
+
+def test_config_that_is_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_config(tmp_path)

@@ -508,3 +508,271 @@ def test_hub_style_tables_flat_and_nested():
         _pairs_from_table(nested, DataConfig(translation_field="translation", tgt_lang="fr"), "x")
     with pytest.raises(TinytError, match="no field 'fr'.*it has de, en"):
         _pairs_from_table(flat, DataConfig(tgt_lang="fr"), "x")
+
+
+# -- corpora as people have them: headerless TSV, byte-order marks, normalisation, duplicates,
+#    held-out splits ------------------------------------------------------------------------
+
+from tinyt.config import ConfigError, HoldoutConfig, config_from_dict  # noqa: E402
+from tinyt.data import (HELD_OUT_DIR, normalize_text, open_corpus,  # noqa: E402
+                        open_training_data, read_split_record)
+
+BOM = "\ufeff"
+
+
+def tatoeba_rows(groups: int = 60) -> list[str]:
+    """Lines shaped like Tatoeba's cmn.txt: English, Chinese, attribution, no header; every
+    third English sentence has a second translation, every fifth pair is repeated exactly, and
+    one pair differs from another only by full-width punctuation and spacing (equal after
+    NFKC)."""
+    rows = []
+    for i in range(groups):
+        rows.append(f"Sentence number {i}.\t第{i}句。\tCC-BY 2.0 (France) #{i}")
+        if i % 3 == 0:
+            rows.append(f"Sentence number {i}.\t这是第{i}句。\tCC-BY 2.0 (France) #{i}b")
+        if i % 5 == 0:
+            rows.append(rows[-1])
+    rows.append("Sentence  number 7 !\t第7句！\tCC-BY #dup-by-nfkc")
+    rows.append("Sentence number 7 !\t第7句!\tCC-BY #dup-by-nfkc")
+    return rows
+
+
+def write_tatoeba(directory, rows, name="cmn-eng", bom=True, gz=True):
+    directory.mkdir(parents=True, exist_ok=True)
+    data = ((BOM if bom else "") + "\n".join(rows) + "\n").encode("utf-8")
+    return write_bytes(directory / f"{name}.tsv", data, gz=gz)
+
+
+def tatoeba_config(directory, holdout=None, **data) -> DataConfig:
+    files = {"train": "cmn-eng"} if holdout else {"train": "cmn-eng", "valid": "cmn-eng"}
+    raw = {"src_lang": "en", "tgt_lang": "zh", "dir": str(directory), "format": "tsv",
+           "files": files, "columns": ["en", "zh", "attribution"], "hub_name": "", **data}
+    if holdout is not None:
+        raw["holdout"] = holdout
+    return config_from_dict({"data": raw}).data
+
+
+def sources_of(corpus) -> list[str]:
+    return corpus.dataset["src"]
+
+
+def key(sentence: str) -> str:
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", sentence).split())
+
+
+def test_headerless_tsv_with_extra_columns_and_bom(tmp_path):
+    rows = ["Hi.\t嗨。\tCC-BY #1", "Run.\t你用跑的。\tCC-BY #2", 'Say "cheese".\t"茄子"。\tx']
+    write_tatoeba(tmp_path, rows)
+    for columns in (["en", "zh", "attribution"], ["en", "zh"]):
+        config = tatoeba_config(tmp_path, columns=columns)
+        text = load_split(config, "train")
+        assert text.src == ["Hi.", "Run.", 'Say "cheese".'] and text.src[0][0] != BOM
+        assert text.tgt == ["嗨。", "你用跑的。", '"茄子"。']
+        corpus = open_corpus(config, "train", tmp_path / f"cache-{len(columns)}")
+        assert corpus.dataset["src"] == text.src and corpus.dataset["tgt"] == text.tgt
+    # The column names may put the languages anywhere; other names are ignored.
+    config = tatoeba_config(tmp_path, columns=["source", "target", "note"], src_field="target",
+                            tgt_field="source", src_lang="zh", tgt_lang="en")
+    assert load_split(config, "train").src[0] == "嗨。"
+
+
+def test_tsv_with_a_header_still_reads_its_header(tmp_path):
+    write_bytes(tmp_path / "val.tsv", (BOM + "de\ten\nHallo.\tHello.\n").encode("utf-8"))
+    text = load_split(text_config(tmp_path, format="tsv"), "valid")
+    assert text.src == ["Hallo."] and text.tgt == ["Hello."]
+
+
+def test_tsv_with_fewer_columns_than_named(tmp_path):
+    write_tatoeba(tmp_path, ["Hi.\t嗨。", "Run.\t跑。"])
+    config = tatoeba_config(tmp_path)
+    for call in (lambda: load_split(config, "train"),
+                 lambda: open_corpus(config, "train", tmp_path / "cache")):
+        with pytest.raises(TinytError) as info:
+            call()
+        message = str(info.value)
+        assert "2 tab-separated column(s)" in message and "names 3" in message
+        assert "cmn-eng.tsv.gz" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"format": "jsonl"}, ["data.columns", "data.format"]),
+    ({"columns": ["english", "chinese"]}, ["data.columns", "'en'"]),
+    ({"columns": ["en", "zh", "en"]}, ["data.columns", "distinct"]),
+    ({"columns": "en zh"}, ["data.columns", "must be a list"]),
+    ({"normalize": "bogus"}, ["data.normalize", "nfkc, nfc, none"]),
+    ({"holdout": {"valid": 0, "test": 0}}, ["data.holdout", "holds nothing out"]),
+    ({"holdout": {"valid": -1, "test": 5}}, ["data.holdout", ">= 0"]),
+    ({"holdout": {"test": 5, "tset": 5}}, ["data.holdout.tset"]),
+    ({"holdout": {"test": 5}, "streaming": True}, ["data.holdout", "data.streaming"]),
+    ({"holdout": {"valid": 5}, "files": {"train": "cmn-eng", "valid": "dev"}},
+     ["data.files", "valid", "data.holdout.valid: 0"]),
+])
+def test_bad_corpus_settings_are_config_errors(tmp_path, change, words):
+    raw = {"src_lang": "en", "tgt_lang": "zh", "dir": str(tmp_path), "format": "tsv",
+           "files": {"train": "cmn-eng"}, "columns": ["en", "zh"], "hub_name": "",
+           "holdout": {"valid": 5, "test": 5}, **change}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"data": raw})
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_holdout_needs_train_only_and_valid_when_not_held_out(tmp_path):
+    raw = {"dir": str(tmp_path), "files": {"train": "t"}, "holdout": {"valid": 5, "test": 5},
+           "hub_splits": {"train": "train"}}
+    assert config_from_dict({"data": raw}).data.held_out_roles == ["valid", "test"]
+    # Only test held out: valid must come from a file.
+    raw["holdout"] = {"test": 5}
+    with pytest.raises(ConfigError, match="lacks valid"):
+        config_from_dict({"data": raw})
+    raw["files"] = raw["hub_splits"] = {"train": "t", "valid": "v"}
+    assert config_from_dict({"data": raw}).data.has_split("test")
+
+
+def test_byte_order_mark_dropped_from_text_and_jsonl(tmp_path):
+    write_bytes(tmp_path / "val.de", (BOM + "Hallo.\nZwei.\n").encode("utf-8"), gz=True)
+    write_bytes(tmp_path / "val.en", (BOM + "Hello.\nTwo.\n").encode("utf-8"))
+    text = load_split(text_config(tmp_path), "valid")
+    assert text.src == ["Hallo.", "Zwei."] and text.tgt == ["Hello.", "Two."]
+    corpus = open_corpus(text_config(tmp_path, files={"train": "val", "valid": "val"}),
+                         "train", tmp_path / "cache")
+    assert corpus.dataset["src"] == ["Hallo.", "Zwei."]
+    rows = [{"de": "Hallo.", "en": "Hello."}, {"de": "Zwei.", "en": "Two."}]
+    write_bytes(tmp_path / "val.jsonl",
+                (BOM + "".join(json.dumps(r) + "\n" for r in rows)).encode("utf-8"))
+    text = load_split(text_config(tmp_path, format="jsonl"), "valid")
+    assert text.src == ["Hallo.", "Zwei."]
+
+
+def test_normalize_text():
+    text = ParallelText(["Ｈｅｌｌｏ！ ﬁne", "e\u0301"], ["你好！", "２０２４"], "x")
+    nfkc = normalize_text(text, "nfkc")
+    assert nfkc.src == ["Hello! fine", "é"] and nfkc.tgt == ["你好!", "2024"]
+    nfc = normalize_text(text, "nfc")
+    assert nfc.src == ["Ｈｅｌｌｏ！ ﬁne", "é"] and nfc.tgt == text.tgt
+    assert normalize_text(text, "none") is text
+
+
+@pytest.fixture(scope="module")
+def tatoeba_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tatoeba")
+    write_tatoeba(directory, tatoeba_rows())
+    return directory
+
+
+def carve_into(run_dir, directory, holdout, **data):
+    config = tatoeba_config(directory, holdout, **data)
+    lines: list[str] = []
+    corpus, valid = open_training_data(config, run_dir, report=lines.append)
+    return config, corpus, valid, lines
+
+
+def test_holdout_is_deterministic_disjoint_and_written(tatoeba_dir, tmp_path):
+    holdout = {"valid": 6, "test": 8, "seed": 3}
+    config, corpus, valid, lines = carve_into(tmp_path / "a", tatoeba_dir, holdout)
+    test = load_split(config, "test", tmp_path / "a")
+    assert len(valid) == 6 and len(test) == 8
+    held_sources = {key(s) for s in valid.src + test.src}
+    assert len(held_sources) == 14  # distinct source sentences
+    training_sources = {key(s) for s in sources_of(corpus)}
+    assert not held_sources & training_sources
+    assert all(s and t for s, t in zip(valid.src + test.src, valid.tgt + test.tgt))
+    # The same seed in another run directory: the same split, byte for byte.
+    _, corpus_b, valid_b, _ = carve_into(tmp_path / "b", tatoeba_dir, holdout)
+    for role in ("valid", "test"):
+        assert ((tmp_path / "a" / HELD_OUT_DIR / f"{role}.jsonl").read_bytes()
+                == (tmp_path / "b" / HELD_OUT_DIR / f"{role}.jsonl").read_bytes())
+    assert sources_of(corpus_b) == sources_of(corpus)
+    # Another seed: another split.
+    config_c, _, valid_c, _ = carve_into(tmp_path / "c", tatoeba_dir, {**holdout, "seed": 4})
+    assert (valid_c.src, load_split(config_c, "test", tmp_path / "c").src) != (valid.src, test.src)
+    # Counted and reported: 12 exact repeats + 1 equal after NFKC and spacing.
+    record = read_split_record(tmp_path / "a")
+    total = len(tatoeba_rows())
+    assert record["pairs"] == total and record["duplicates"] == 13
+    assert record["held_out"] == {"valid": 6, "test": 8}
+    assert record["train_pairs"] == len(corpus) == total - 13 - 14 - record["held_out_mates"]
+    assert record["scripts"] == {"src": ["Latin"], "tgt": ["Han"]}
+    assert lines == [lines[0]] and "13 exact duplicates dropped" in lines[0]
+    assert "held out 6 valid + 8 test" in lines[0]
+
+
+def test_training_part_keeps_one_of_each_pair(tatoeba_dir, tmp_path):
+    _, corpus, _, _ = carve_into(tmp_path, tatoeba_dir, None)
+    pairs = [(key(s), key(t)) for s, t in zip(corpus.dataset["src"], corpus.dataset["tgt"])]
+    assert len(pairs) == len(set(pairs)) == len(tatoeba_rows()) - 13
+    assert read_split_record(tmp_path)["held_out"] == {"valid": 0, "test": 0}
+    # dedup off and nothing held out: the corpus as open_corpus reads it, nothing copied.
+    config = tatoeba_config(tatoeba_dir, dedup=False)
+    corpus, _ = open_training_data(config, tmp_path / "plain")
+    assert corpus.fingerprint == open_corpus(config, "train", tmp_path / "plain" / "cache").fingerprint
+    assert len(corpus) == len(tatoeba_rows())
+
+
+def test_held_out_splits_are_read_back_and_resume_checks_the_corpus(tmp_path):
+    directory = tmp_path / "corpus"
+    write_tatoeba(directory, tatoeba_rows())
+    holdout = {"valid": 5, "test": 5}
+    config, corpus, valid, _ = carve_into(tmp_path / "run", directory, holdout)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run" / HELD_OUT_DIR).iterdir()}
+    # A resume (or another rank) reads them back and changes nothing.
+    corpus_again, valid_again = open_training_data(config, tmp_path / "run", resume=True)
+    assert valid_again.src == valid.src and corpus_again.fingerprint == corpus.fingerprint
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "run" / HELD_OUT_DIR).iterdir()}
+    # A changed corpus is refused on resume, before anything is rewritten.
+    write_tatoeba(directory, tatoeba_rows()[:-5])
+    with pytest.raises(TinytError, match="changed since this run was started"):
+        open_training_data(config, tmp_path / "run", resume=True)
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "run" / HELD_OUT_DIR).iterdir()}
+    # So are changed settings.
+    write_tatoeba(directory, tatoeba_rows())
+    other = tatoeba_config(directory, {"valid": 5, "test": 6})
+    with pytest.raises(TinytError, match="data settings changed"):
+        open_training_data(other, tmp_path / "run", resume=True)
+    # Without the run directory a held-out split has nowhere to come from.
+    with pytest.raises(TinytError, match="held out of the training file"):
+        load_split(config, "test")
+    (tmp_path / "run" / HELD_OUT_DIR / "test.jsonl").unlink()
+    with pytest.raises(TinytError, match="test.jsonl is missing"):
+        load_split(config, "test", tmp_path / "run")
+
+
+@pytest.mark.parametrize("rows, holdout, words", [
+    (["Hi.\t嗨。\tx", "Run.\t跑。\tx", "Stop!\t住手!\tx"], {"valid": 2, "test": 2},
+     ["2 valid + 2 test", "only 3 distinct source sentences", "lower data.holdout"]),
+    ([f"Hi.\t嗨{i}。\tx" for i in range(50)], {"test": 1},
+     ["only 1 distinct source sentences", "(in 50 pairs"]),
+    (["Hi.\t\tx", "\t嗨。\tx", "Run.\t跑。\tx"], {"test": 1},
+     ["only 1 distinct source sentences", "(in 1 pairs with text on both sides)"]),
+])
+def test_holdout_larger_than_the_corpus(tmp_path, rows, holdout, words):
+    write_tatoeba(tmp_path / "corpus", rows)
+    with pytest.raises(TinytError) as info:
+        carve_into(tmp_path / "run", tmp_path / "corpus", holdout,
+                   files={"train": "cmn-eng", "valid": "cmn-eng"} if "valid" not in holdout
+                   else {"train": "cmn-eng"})
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert not (tmp_path / "run" / HELD_OUT_DIR).exists()  # nothing written
+
+
+def test_empty_lines_are_never_held_out(tmp_path):
+    rows = [f"S{i}.\t句{i}。\tx" for i in range(20)] + ["\t\tx", "Only English.\t\tx"]
+    write_tatoeba(tmp_path / "corpus", rows[:10] + [""] * 3 + rows[10:])
+    config, _, valid, _ = carve_into(tmp_path / "run", tmp_path / "corpus",
+                                     {"valid": 10, "test": 9})
+    test = load_split(config, "test", tmp_path / "run")
+    assert all(s and t for s, t in zip(valid.src + test.src, valid.tgt + test.tgt))
+
+
+def test_holdout_config_round_trip():
+    config = config_from_dict({"data": {"holdout": {"test": 3}, "files": {"train": "t",
+                                                                             "valid": "v"}}},
+                              check_paths=False)
+    assert config.data.holdout == HoldoutConfig(valid=0, test=3, seed=1)
+    again = config_from_dict(config.to_dict(), check_paths=False)
+    assert again == config and again.data.held_out_roles == ["test"]

@@ -213,7 +213,7 @@ def test_disk_full_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
-    with pytest.raises(TinytError, match="No space left on device.*intact"):
+    with pytest.raises(TinytError, match="no space left on the device holding .*best.pt.*intact"):
         save_checkpoint({"model": {"w": torch.zeros(2)}, "progress": {"step": 2}}, path)
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.undo()
@@ -335,3 +335,94 @@ def test_evaluate_on_a_misaligned_split_names_both_files(translator, tmp_path):
                                       "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "bad.de has 2 lines but" in result.output and "bad.en has 1" in result.output
+
+
+# -- failed writes and impossible numbers lose nothing (see also tests/test_errors.py) -------
+
+
+def test_weights_that_become_nonfinite_are_never_saved(small_corpus, tiny_config_for,
+                                                       tmp_path, monkeypatch):
+    """An update whose loss and gradients were finite can still leave infinite weights (a
+    learning rate far too high): the next save refuses, and last.pt keeps the good weights."""
+    config = small_trainer_config(small_corpus, tmp_path / "run", tiny_config_for,
+                                  max_steps=6, checkpoint_every=1)
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def overflowing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
+    with pytest.raises(TinytError, match="NaN or infinite by step 3.*lower train.lr"):
+        train(config, progress_bars=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["progress"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_evaluate_into_an_unwritable_place_fails_before_decoding(translator, tmp_path,
+                                                                monkeypatch):
+    from tinyt.checkpoint import load_trained
+    from tinyt.evaluation import evaluate_split
+
+    config, tokenizers, model, _ = load_trained(translator_run_dir(translator))
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file where the results folder should go")
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded before checking where the results go")
+
+    monkeypatch.setattr(Translator, "translate", never)
+    with pytest.raises(TinytError, match="results.* is a file"):
+        evaluate_split(config, tokenizers, model, "valid", torch.device("cpu"), in_the_way,
+                       progress=False)
+
+
+def test_a_large_beam_decodes_fewer_sentences_at_once(translator, monkeypatch):
+    import tinyt.translation as translation_module
+
+    sizes = []
+    real_search = translation_module.beam_search
+
+    def recording(model, src, *args, **kwargs):
+        sizes.append(src.size(0))
+        return real_search(model, src, *args, **kwargs)
+
+    monkeypatch.setattr(translation_module, "beam_search", recording)
+    vocab = translator.tokenizers.tgt_vocab_size
+    monkeypatch.setattr(translation_module, "MAX_DECODE_SCORES", 4 * 8 * vocab)
+    out = translator.translate([f"Ein Hund Nummer {i}." for i in range(10)], beam_size=8)
+    assert len(out) == 10 and max(sizes) == 4 and sum(sizes) == 10
+    with pytest.raises(TinytError, match="beam size 10000 is impossible"):
+        translator.translate(["Ein Hund."], beam_size=10000)
+
+
+def test_translate_arguments_with_invalid_utf8_become_replacement_characters(translator):
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"tinyt", b"translate", b"--run",
+                           str(translator_run_dir(translator)).encode(), b"--beam", b"1",
+                           b"Ein Hund \xff l\xe4uft.", b"Zwei Katzen."],
+                          cwd=REPO, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert len(proc.stdout.decode("utf-8").splitlines()) == 2
+
+
+def test_a_changed_byte_in_a_bundles_metadata_is_found(translator, tmp_path):
+    from tinyt.bundle import _checksum, export_bundle, load_bundle
+
+    bundle = export_bundle(translator_run_dir(translator), tmp_path / "model.tinyt")
+    raw = torch.load(bundle, weights_only=True)
+    raw["progress"]["step"] += 1  # torch.load cannot notice this
+    torch.save(raw, tmp_path / "changed.tinyt")
+    with pytest.raises(TinytError, match="damaged .*checksum"):
+        load_bundle(tmp_path / "changed.tinyt")
+    # A version 1 bundle (checksum over weights, vocabularies and config only) still loads.
+    raw = torch.load(bundle, weights_only=True)
+    raw["bundle_version"] = 1
+    raw["checksum"] = _checksum(raw["model"], raw["tokenizer"]["models"], raw["config"])
+    torch.save(raw, tmp_path / "old.tinyt")
+    assert load_bundle(tmp_path / "old.tinyt")[3]["bundle_version"] == 1

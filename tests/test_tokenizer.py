@@ -228,3 +228,127 @@ def test_damaged_meta_is_retrained(pairs, tmp_path):
     tokenizers = train_or_load(config, *pairs, tmp_path)
     assert tokenizers.fingerprint == fingerprint(config, *pairs)
     assert json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["joint"] is True
+
+
+# -- settings fit for the script: joint or separate vocabularies, character coverage ----------
+
+import gzip  # noqa: E402
+import unicodedata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tinyt.config import config_from_dict, load_config  # noqa: E402
+from tinyt.tokenizer import auto_coverage  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba" / "cmn-eng.tsv.gz"
+# What every Multi30k config's tokenizer section meant before the auto settings existed: the
+# fingerprint (and so the reuse of a trained tokenizer) depends on exactly these values.
+OLD_MULTI30K_TOKENIZERS = {
+    "multi30k_de_en.yaml": {"vocab_size": 8000, "model_type": "unigram", "joint": True,
+                            "character_coverage": 1.0, "max_sentences": 2_000_000},
+    "multi30k_de_en_cpu.yaml": {"vocab_size": 6000, "model_type": "unigram", "joint": True,
+                                "character_coverage": 1.0, "max_sentences": 2_000_000},
+    "tiny.yaml": {"vocab_size": 1000, "model_type": "unigram", "joint": True,
+                  "character_coverage": 1.0, "max_sentences": 2_000_000},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_MULTI30K_TOKENIZERS))
+def test_multi30k_configs_keep_their_tokenizer(name):
+    from dataclasses import asdict
+
+    config = load_config(CONFIGS / name, check_paths=False)
+    assert asdict(config.tokenizer) == OLD_MULTI30K_TOKENIZERS[name]
+    assert config.model.tie_embeddings is True and config.decoding.bleu_tokenize == "13a"
+    assert fingerprint(config.tokenizer, ["a"], ["b"]) == fingerprint(
+        TokenizerConfig(**OLD_MULTI30K_TOKENIZERS[name]), ["a"], ["b"])
+
+
+@pytest.mark.parametrize("src, tgt, joint, coverage, tied", [
+    ("de", "en", True, 1.0, True),
+    ("en", "ru", True, 1.0, True),
+    ("en", "zh", False, None, False),  # None: each vocabulary by its text
+    ("zh", "en", False, None, False),
+    ("zh", "ja", True, None, True),
+    ("cmn", "yue", True, None, True),
+])
+def test_auto_tokenizer_settings_follow_the_languages(src, tgt, joint, coverage, tied):
+    config = config_from_dict({"data": {"src_lang": src, "tgt_lang": tgt},
+                               "decoding": {"bleu_tokenize": "13a"}}, check_paths=False)
+    assert config.tokenizer.joint is joint and config.tokenizer.character_coverage == coverage
+    assert config.model.tie_embeddings is tied
+    saved = config.to_dict()
+    assert saved["tokenizer"]["joint"] == "auto" and saved["model"]["tie_embeddings"] is True
+
+
+def test_explicit_settings_win():
+    raw = {"data": {"src_lang": "en", "tgt_lang": "zh"}, "decoding": {"bleu_tokenize": "13a"},
+           "tokenizer": {"joint": True, "character_coverage": 0.9998}}
+    config = config_from_dict(raw, check_paths=False)
+    assert config.tokenizer.joint and config.tokenizer.character_coverage == 0.9998
+    assert config.model.tie_embeddings  # a joint vocabulary can be tied
+    raw["tokenizer"] = {"joint": False}
+    with pytest.raises(TinytError, match="model.tie_embeddings needs tokenizer.joint"):
+        config_from_dict(raw, check_paths=False)
+    raw["model"] = {"tie_embeddings": False}
+    assert not config_from_dict(raw, check_paths=False).tokenizer.joint
+
+
+def test_auto_coverage_by_script():
+    english = ["Tom likes Zoe's 4 quizzes.", "Where is the café?"] * 50
+    chinese = ["汤姆喜欢咖啡。", "你在哪儿？"] * 50
+    assert auto_coverage(english) == 1.0
+    assert auto_coverage(chinese) == 0.9995
+    assert auto_coverage(["日本語のテキストです。"]) == auto_coverage(["한국어 문장입니다."]) == 0.9995
+    assert auto_coverage(english + chinese) == 0.9995  # a joint vocabulary with Chinese
+    assert auto_coverage(english + ["汤姆。"]) == 1.0  # a few Chinese names in English text
+    assert auto_coverage([]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tatoeba_pairs():
+    if not TATOEBA.is_file():
+        pytest.skip(f"Tatoeba corpus not found at {TATOEBA}")
+    with gzip.open(TATOEBA, "rt", encoding="utf-8-sig") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    rows = rows[::10]  # 2,900 pairs across the length range
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def test_separate_vocabularies_fit_each_script(tatoeba_pairs, tmp_path):
+    config = config_from_dict({"data": {"src_lang": "en", "tgt_lang": "zh"},
+                               "tokenizer": {"vocab_size": 2500}}, check_paths=False)
+    english, chinese = tatoeba_pairs
+    tokenizers = train_or_load(config.tokenizer, english, chinese, tmp_path)
+    assert tokenizers.src is not tokenizers.tgt
+    assert (tmp_path / "src.model").is_file() and (tmp_path / "tgt.model").is_file()
+    # Full coverage of English: every letter and digit has a piece (0.9995 would drop some).
+    assert not any(UNK_ID in ids for ids in tokenizers.encode_src(english))
+    # 0.9995 for Chinese: the rarest characters are left unknown instead of taking pieces.
+    unknown = sum(ids.count(UNK_ID) for ids in tokenizers.encode_tgt(chinese))
+    assert 0 < unknown < 0.002 * sum(map(len, chinese))
+    assert tokenizers.tgt.decode(tokenizers.encode_tgt(["你好。"])) == ["你好。"]
+
+
+def test_sentencepiece_reads_nfkc_text(tatoeba_pairs, tmp_path):
+    """data.normalize need not touch what a model reads: SentencePiece's own normalisation
+    (nmt_nfkc) gives full-width, compatibility and NFKC-normalised text the same pieces, at
+    training and at translation alike."""
+    english, chinese = tatoeba_pairs
+    tokenizers = train_or_load(TokenizerConfig(vocab_size=2500, joint=False), english, chinese,
+                               tmp_path)
+    for text in ["Ｔｏｍ ｌｉｋｅｓ ｃｏｆｆｅｅ！", "ﬁne\u00a0day", "Tom\u3000is here"]:
+        nfkc = unicodedata.normalize("NFKC", text)
+        assert tokenizers.encode_src([text]) == tokenizers.encode_src([nfkc])
+    for text in ["你好！", "汤姆，你呢？", "２０２４年"]:
+        nfkc = unicodedata.normalize("NFKC", text)
+        assert tokenizers.encode_tgt([text]) == tokenizers.encode_tgt([nfkc])
+        assert tokenizers.decode_tgt(tokenizers.encode_tgt([text])) == [nfkc]
+
+
+def test_vocabulary_smaller_than_the_characters(tatoeba_pairs, tmp_path):
+    with pytest.raises(TinytError) as info:
+        train_or_load(TokenizerConfig(vocab_size=300, joint=False), *tatoeba_pairs, tmp_path)
+    message = str(info.value)
+    assert "tokenizer.vocab_size 300 is smaller than" in message
+    assert "raise tokenizer.vocab_size" in message and "\n" not in message

@@ -22,15 +22,20 @@ import sentencepiece as spm
 import torch
 
 from tinyt import __version__
-from tinyt.checkpoint import (atomic_torch_save, build_model, load_run_config,
-                              load_tensors_safely, load_trained, validation_checkpoints)
+from tinyt.checkpoint import (build_model, load_run_config, load_tensors_safely, load_trained,
+                              validation_checkpoints)
 from tinyt.config import Config, ConfigError, config_from_dict
+from tinyt.data import read_split_record
 from tinyt.errors import TinytError
 from tinyt.model import Transformer
 from tinyt.tokenizer import Tokenizers
+from tinyt.writing import atomic_torch_save
 
 BUNDLE_FORMAT = "tinyt-bundle"  # the marker that tells a bundle from a checkpoint
-BUNDLE_VERSION = 1  # raised whenever a new tinyt writes bundles an older one cannot read
+# Raised whenever a new tinyt writes bundles an older one cannot read. 2: the checksum covers
+# the metadata too (progress, metrics, source, versions), not only weights, vocabularies and
+# config; version 1 bundles still load, checked the old way.
+BUNDLE_VERSION = 2
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -70,14 +75,9 @@ def export_bundle(run_dir: str | Path, out_path: str | Path, checkpoint: str = "
         "source": {"run_dir": str(run_dir), "checkpoint": checkpoint,
                    "averaged_steps": list(payload.get("averaged_steps") or [])},
         "metrics": _metrics_summary(run_dir / "metrics.jsonl"),
-        "checksum": _checksum(weights, spm_models, config_dict),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_torch_save(bundle, out_path)
-    except OSError as exc:
-        raise TinytError(f"could not write model bundle {out_path}: {exc.strerror or exc}; "
-                         "free disk space or choose another path") from None
+    bundle["checksum"] = _checksum(weights, spm_models, config_dict, _metadata(bundle))
+    atomic_torch_save(bundle, out_path, then="export again")
     return out_path
 
 
@@ -90,12 +90,22 @@ def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().numpy().tobytes()
 
 
-def _checksum(weights: dict[str, torch.Tensor], spm_models: dict[str, torch.Tensor],
-              config: dict[str, Any]) -> str:
-    """SHA-256 of the weights, tokenizer bytes and config.
+def _metadata(bundle: dict[str, Any]) -> dict[str, Any]:
+    """Everything in a bundle but the weights, the vocabularies' bytes, the config and the
+    checksum itself: versions, progress, metrics, source, tokenizer fingerprint and layout."""
+    meta = {k: v for k, v in bundle.items() if k not in ("model", "config", "checksum",
+                                                           "tokenizer")}
+    meta["tokenizer"] = {k: v for k, v in bundle["tokenizer"].items() if k != "models"}
+    return meta
 
-    torch.load notices a truncated file but not flipped bits inside a tensor, which would
-    silently give a worse model; this hash makes such damage a clear error instead.
+
+def _checksum(weights: dict[str, torch.Tensor], spm_models: dict[str, torch.Tensor],
+              config: dict[str, Any], metadata: dict[str, Any] | None = None) -> str:
+    """SHA-256 of the weights, tokenizer bytes, config and (from bundle version 2) metadata.
+
+    torch.load notices a truncated file but not flipped bits inside a tensor or a string,
+    which would silently give a worse model or wrong information; this hash makes such damage
+    a clear error instead.
     """
     h = hashlib.sha256()
     for group in (weights, spm_models):
@@ -104,6 +114,8 @@ def _checksum(weights: dict[str, torch.Tensor], spm_models: dict[str, torch.Tens
             h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
             h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(config, sort_keys=True).encode())
+    if metadata is not None:
+        h.update(json.dumps(metadata, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -127,7 +139,9 @@ def load_bundle(path: str | Path) -> tuple[Config, Tokenizers, Transformer, dict
     try:
         tok = payload["tokenizer"]
         spm_models = tok["models"]
-        if payload["checksum"] != _checksum(payload["model"], spm_models, payload["config"]):
+        metadata = _metadata(payload) if payload["bundle_version"] >= 2 else None
+        if payload["checksum"] != _checksum(payload["model"], spm_models, payload["config"],
+                                            metadata):
             raise TinytError(damaged)
         config = config_from_dict(payload["config"], check_paths=False)
         if tok["joint"]:
@@ -242,6 +256,21 @@ def _describe_config(config: Config, tokenizers: Tokenizers, parameters: int) ->
     }
 
 
+def _describe_data(config: Config, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The data a run trained on: languages, the scripts of their text, pairs, duplicates
+    dropped, held-out sizes. From the run's data/split.json (`record`) where there is one;
+    a bundle, or a run trained before tinyt kept that record, gives what its config says."""
+    d, record = config.data, record or {}
+    held = record.get("held_out") or {role: getattr(d.holdout, role) if d.holdout else 0
+                                       for role in ("valid", "test")}
+    return {"languages": {"src": d.src_lang, "tgt": d.tgt_lang},
+            "scripts": record.get("scripts"), "source": record.get("source"),
+            "pairs": record.get("pairs"), "duplicates": record.get("duplicates"),
+            "held_out": held if any(held.values()) else None,
+            "train_pairs": record.get("train_pairs"), "normalize": d.normalize,
+            "bleu_tokenize": config.decoding.bleu_tokenize}
+
+
 def run_info(path: str | Path) -> dict[str, Any]:
     """A summary of a run directory or a model bundle: size of the model and its
     vocabularies, languages, the main model and training settings, the best validation loss
@@ -263,6 +292,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
         sizes["total"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return {"kind": "run", "path": str(path),
                 **_describe_config(config, tokenizers, parameters),
+                "data": _describe_data(config, read_split_record(path)),
                 "validation": _metrics_summary(path / "metrics.jsonl"),
                 "checkpoint": None,
                 "validation_checkpoints": [step for step, _ in ckpts],
@@ -278,6 +308,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
     source = payload.get("source") or {}
     return {"kind": "bundle", "path": str(path),
             **_describe_config(config, tokenizers, model.num_parameters()),
+            "data": _describe_data(config, None),
             "validation": validation,
             "checkpoint": {"name": source.get("checkpoint"), "step": progress.get("step"),
                            "epoch": progress.get("epoch"),
@@ -286,6 +317,29 @@ def run_info(path: str | Path) -> dict[str, Any]:
                            "tinyt_version": payload.get("tinyt_version")},
             "validation_checkpoints": [],
             "sizes": {path.name: path.stat().st_size, "total": path.stat().st_size}}
+
+
+def _format_data(data: dict[str, Any]) -> str:
+    """The data line of `format_run_info`: e.g. `data: en (Latin) -> zh (Han), 29,155 pairs in
+    cmn-eng.tsv.gz: 114 duplicates dropped, held out 1,000 valid + 1,000 test; ...`."""
+    scripts = data["scripts"] or {}
+
+    def side(name: str) -> str:
+        names = scripts.get(name)
+        return data["languages"][name] + (f" ({', '.join(names)})" if names else "")
+
+    parts = [f"  data: {side('src')} -> {side('tgt')}"]
+    if data["pairs"] is not None:
+        parts[0] += f", {data['pairs']:,} pairs in {data['source']}"
+    if data["duplicates"] is not None:
+        parts.append(f"{data['duplicates']:,} duplicates dropped")
+    if data["held_out"]:
+        parts.append(f"held out {data['held_out']['valid']:,} valid + "
+                     f"{data['held_out']['test']:,} test")
+    if data["train_pairs"] is not None:
+        parts.append(f"{data['train_pairs']:,} training pairs")
+    parts.append(f"normalize {data['normalize']}, BLEU tokenizer {data['bleu_tokenize']}")
+    return "; ".join(parts)
 
 
 def format_run_info(info: dict[str, Any]) -> str:
@@ -305,6 +359,7 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"{info['kind']} {info['path']}",
         f"  {info['languages']['src']} -> {info['languages']['tgt']}, "
         f"{info['parameters']:,} parameters, {vocab} {v['model_type']} vocabulary",
+        _format_data(info["data"]),
         f"  model: d_model {m['d_model']}, {m['n_heads']} heads, {m['enc_layers']}+"
         f"{m['dec_layers']} layers, FFN {m['d_ff']} ({m['activation']}, "
         f"{'pre' if m['pre_norm'] else 'post'}-norm"

@@ -13,7 +13,6 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,56 +23,69 @@ from tinyt.config import Config, ConfigError, load_config
 from tinyt.errors import TinytError
 from tinyt.model import Transformer
 from tinyt.tokenizer import Tokenizers
+from tinyt.writing import atomic_torch_save
 
 FORMAT_VERSION = 1
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj)` so that `path` is always either the old file or the complete new one:
-    write a temporary file beside it, flush and fsync it, then rename it over `path`.
+def save_checkpoint(payload: dict[str, Any], path: str | Path,
+                    then: str | None = None) -> None:
+    """Write `payload`, stamped with the checkpoint format version, atomically to `path`.
 
-    Raises OSError (with the temporary file removed) when the write fails; callers turn it into
-    a message that fits what they were saving.
+    Weights that are not finite are never written: a checkpoint of NaN weights would replace
+    the last good one (a learning rate so high that the weights overflow gives finite losses
+    until the step after). A failed write names the path and the fix, then `then` (default:
+    resume the run in `path`'s folder); the previous file at `path` is intact either way.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    _refuse_nonfinite_weights(payload, path)
+    if then is None:
+        then = (f"resume with: tinyt train --resume {path.parent}"
+                if (path.parent / "last.pt").is_file() else "run the command again")
+    atomic_torch_save({"format_version": FORMAT_VERSION, **payload}, path, then=then,
+                      note="the previous checkpoint is intact" if path.is_file() else "")
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write `payload`, stamped with the checkpoint format version, atomically to `path`."""
-    path = Path(path)
-    try:
-        atomic_torch_save({"format_version": FORMAT_VERSION, **payload}, path)
-    except OSError as exc:
-        raise TinytError(f"could not save checkpoint {path}: {exc.strerror or exc}; the previous "
-                         "checkpoint is intact (free disk space, then resume)") from None
+def _refuse_nonfinite_weights(payload: dict[str, Any], path: Path) -> None:
+    weights = payload.get("model")
+    if not isinstance(weights, dict):
+        return
+    floats = [t for t in weights.values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    # One host sync for all tensors, not one each.
+    if bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        return
+    step = (payload.get("progress") or {}).get("step", "?")
+    raise TinytError(f"the model's weights became NaN or infinite by step {step}, so {path} "
+                     f"was not written and the last good checkpoints in {path.parent} are "
+                     "kept; the learning rate is too high for this model: lower train.lr (or "
+                     "raise train.warmup_steps), e.g. tinyt train --resume "
+                     f"{path.parent} --set train.lr=..., or start over")
 
 
 def load_tensors_safely(path: Path, damaged: str) -> Any:
-    """torch.load with weights_only=True (tensors, numbers, strings, containers: no code runs);
-    any failure raises TinytError(f"{damaged} ({reason})")."""
+    """torch.load with weights_only=True (tensors, numbers, strings, containers: no code runs).
+    A file that cannot be loaded raises TinytError(damaged); torch's own words stay in the
+    exception chain (shown by --verbose), not in the one-line message."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise TinytError(f"cannot read {path}: {exc.strerror or exc}; check the file's "
+                         "permissions") from exc
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise TinytError(f"{damaged} ({reason})") from None
+        raise TinytError(damaged) from exc
+
+
+def _other_checkpoints(path: Path) -> list[str]:
+    """Names of the other checkpoints beside `path` (at most four), for advice."""
+    try:
+        names = sorted(p.name for p in path.parent.glob("*.pt")
+                       if p.is_file() and p.name != path.name)
+    except OSError:
+        return []
+    return names[:4]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -81,8 +93,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TinytError(f"checkpoint {path} not found; train the run first or pick another run")
-    payload = load_tensors_safely(path, f"checkpoint {path} is damaged or not a tinyt checkpoint;"
-                                  " use another checkpoint (e.g. last.pt) or retrain")
+    others = _other_checkpoints(path)
+    usable = f"use another checkpoint of the run ({', '.join(others)})" if others else \
+        "retrain the run"
+    if path.name == "last.pt":  # what resume reads: no other file can stand in for it
+        fix = ("the run cannot resume from it; start it over with --overwrite"
+               + (f" (to evaluate or translate, {usable})" if others else ""))
+    else:
+        fix = usable + (" or retrain" if others else "")
+    payload = load_tensors_safely(path, f"checkpoint {path} is damaged or not a tinyt "
+                                        f"checkpoint (cut short or overwritten); {fix}")
     if not isinstance(payload, dict) or "model" not in payload:
         raise TinytError(f"{path} is not a tinyt checkpoint")
     version = payload.get("format_version")
@@ -231,7 +251,8 @@ def average_checkpoints(run_dir: str | Path, n: int, out_name: str = "averaged.p
     out_path = run_dir / out_name
     save_checkpoint({"model": averaged, "progress": newest["progress"],
                      "tokenizer_fingerprint": fingerprint, "config": newest.get("config"),
-                     "averaged_steps": [step for step, _ in chosen]}, out_path)
+                     "averaged_steps": [step for step, _ in chosen]}, out_path,
+                    then="run tinyt average again")
     return out_path
 
 

@@ -6,18 +6,26 @@ Every user-fixable problem surfaces as one `error: ...` line on stderr and exit 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
+try:  # typer vendors its own click, whose exceptions are the ones its commands raise
+    from typer._click import exceptions as click_errors
+except ImportError:  # an older typer on the real click
+    from click import exceptions as click_errors
+
 from tinyt import __version__
+from tinyt.config import MAX_BEAM_SIZE
 from tinyt.errors import MainProcessFailed, TinytError
+from tinyt.writing import write_error
 
 app = typer.Typer(
     name="tinyt", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,6 +53,53 @@ def _verbose() -> bool:
     return _session["verbose"] or bool(os.environ.get("TINYT_TRACEBACK"))
 
 
+class OutputFailed(TinytError):
+    """Standard output could not be written: a full disk behind `> file`, or a pipe whose
+    reader has gone (`| head`), which is not worth a message."""
+
+    def __init__(self, exc: OSError):
+        self.broken_pipe = exc.errno == errno.EPIPE
+        super().__init__(str(write_error(exc, "standard output")))
+
+
+class _GuardedOutput:
+    """sys.stdout of the `tinyt` program: a write or flush that fails raises OutputFailed
+    (and is remembered, see `silence`)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.failed = False
+
+    def _failed(self, exc: OSError) -> OutputFailed:
+        self.failed = True
+        return OutputFailed(exc)
+
+    def silence(self) -> None:
+        """Point the file descriptor at /dev/null, so that the output still buffered cannot
+        fail again when Python flushes it at exit (a second message, with a traceback)."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, buffer, ...
+        return getattr(self._stream, name)
+
+
 def friendly_errors(command):
     """Turn TinytError into one line and exit code 2; Ctrl-C into exit code 130."""
 
@@ -57,6 +112,8 @@ def friendly_errors(command):
                 traceback.print_exc()
             if isinstance(exc, MainProcessFailed):
                 raise typer.Exit(2)  # a torchrun worker: rank 0 has printed the reason
+            if isinstance(exc, OutputFailed) and exc.broken_pipe:
+                raise typer.Exit(1)  # the reader stopped reading: nothing to say
             _fail(_rank_prefix() + str(exc))
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -66,8 +123,8 @@ def friendly_errors(command):
         except Exception as exc:  # a bug: still one line, with a way to see more
             if _verbose():
                 traceback.print_exc()
-            _fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the "
-                  "traceback, and please report it)", code=1)
+            _fail(f"unexpected {type(exc).__name__}: {_first_line(exc)} (run with --verbose for "
+                  "the traceback, and please report it)", code=1)
 
     return wrapper
 
@@ -181,7 +238,8 @@ def train(
 def evaluate(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
     split: str = typer.Option("test", "--split", help="train, valid, test or a split name."),
-    beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy)."),
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
+                                       help="Beam size (1: greedy)."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
@@ -246,6 +304,16 @@ def _read_text_lines(stream) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
+def _argument_text(arg: str) -> str:
+    """A command-line argument as text: bytes that are not UTF-8, which Python keeps in argv
+    as lone surrogates (U+DC80..U+DCFF), become U+FFFD, as they do in files and stdin."""
+    try:
+        raw = arg.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates (not from argv)
+        raw = arg.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", errors="replace")
+
+
 def _stdin_lines():
     """Lines of stdin as they arrive; bytes that are not UTF-8 become U+FFFD."""
     for raw in sys.stdin.buffer:
@@ -267,7 +335,8 @@ def translate(
     text: Optional[List[str]] = typer.Argument(
         None, help="Sentences to translate; '-' (or nothing, with piped input) reads stdin."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy)."),
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
+                                       help="Beam size (1: greedy)."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
     input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="File to translate."),
     output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here."),
@@ -285,11 +354,16 @@ def translate(
     Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
     """
     from tinyt.translation import Translator
+    from tinyt.writing import atomic_write_text, check_writable_dir, writing
 
     if input_file is not None and text:
         raise TinytError("give either sentences or --input FILE, not both")
     if input_file is not None and not input_file.is_file():
         raise TinytError(f"input file {input_file} does not exist")
+    if output_file is not None and output_file.is_dir():
+        raise TinytError(f"--output {output_file} is a folder; pass a file path")
+    if output_file is not None and not output_file.exists():
+        check_writable_dir(output_file.parent, create=False)  # before translating, not after
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
     run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides)
     translator = Translator(model, tokenizers, config.decoding, _device(device), config.train.amp)
@@ -298,20 +372,26 @@ def translate(
         stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty)
         return
     if input_file is not None:
-        with open(input_file, "rb") as f:
-            lines = _read_text_lines(f)
+        try:
+            with open(input_file, "rb") as f:
+                lines = _read_text_lines(f)
+        except OSError as exc:
+            raise TinytError(f"cannot read {input_file}: {exc.strerror or exc}") from None
     elif text and text != ["-"]:
-        lines = list(text)
+        lines = [_argument_text(sentence) for sentence in text]
     else:
         lines = _read_text_lines(sys.stdin.buffer)
     outputs = translator.translate(lines, beam_size=beam, length_penalty=length_penalty,
                                    progress=len(lines) > 100)
     body = "".join(line + "\n" for line in outputs)
-    if output_file is not None:
-        try:
-            output_file.write_text(body, encoding="utf-8")
-        except OSError as exc:
-            raise TinytError(f"cannot write {output_file}: {exc.strerror}; check the path")
+    if output_file is not None and (output_file.is_symlink() or (
+            output_file.exists() and not output_file.is_file())):
+        # a link (/dev/stdout), device or pipe: written into, not replaced by a new file
+        with writing(output_file):
+            with open(output_file, "w", encoding="utf-8") as f:
+                f.write(body)
+    elif output_file is not None:
+        atomic_write_text(output_file, body)
     else:
         sys.stdout.write(body)
         sys.stdout.flush()
@@ -343,7 +423,8 @@ def attention(
         None, "--output", "-o", help="PNG to write (default: RUN/attention.png)."),
     layer: int = typer.Option(-1, "--layer", help="Decoder layer from 0; negative: from the end."),
     head: int = typer.Option(0, "--head", help="Attention head, from 0."),
-    beam: int = typer.Option(1, "--beam", min=1, help="Beam size of the translation (1: greedy)."),
+    beam: int = typer.Option(1, "--beam", min=1, max=MAX_BEAM_SIZE,
+                              help="Beam size of the translation (1: greedy)."),
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
 ) -> None:
@@ -356,8 +437,8 @@ def attention(
 
     run = _find_run(run)
     translator = Translator.from_run(run, checkpoint=checkpoint, device=device)
-    path = plot_attention(translator, sentence, output or run / "attention.png", layer=layer,
-                          head=head, beam_size=beam)
+    path = plot_attention(translator, _argument_text(sentence), output or run / "attention.png",
+                          layer=layer, head=head, beam_size=beam)
     typer.echo(f"wrote {path}")
 
 
@@ -441,8 +522,11 @@ def average(
     """
     from tinyt.checkpoint import average_checkpoints, load_checkpoint
 
+    from tinyt.rundir import RunDirLock
+
     run = _find_run(run)
-    path = average_checkpoints(run, n, output)
+    with RunDirLock(run, "tinyt average", create=False):
+        path = average_checkpoints(run, n, output)
     steps = load_checkpoint(path)["averaged_steps"]
     typer.echo(f"wrote {path}: the average of steps {', '.join(map(str, steps))}")
     typer.echo(f"next: tinyt evaluate --run {run} --checkpoint {path.name}")
@@ -467,8 +551,65 @@ def info(
     typer.echo(json.dumps(summary, indent=2) if as_json else format_run_info(summary))
 
 
-def main() -> None:
-    app()
+def main(argv: Optional[List[str]] = None) -> None:
+    """The `tinyt` program (`argv`: its arguments, default sys.argv[1:]).
+
+    Commands turn their own errors into one line (`friendly_errors`); this turns what happens
+    outside them into one line too: usage errors (a bad option value, a missing argument) as
+    `error: ...` with exit code 2 instead of click's boxed message, output that cannot be
+    written (also when it is flushed at the end), and any other exception as `error:
+    unexpected ...` with exit code 1 (the traceback only with --verbose or TINYT_TRACEBACK=1).
+    """
+    if not isinstance(sys.stdout, _GuardedOutput):
+        sys.stdout = _GuardedOutput(sys.stdout)
+    try:
+        code = app(args=argv, standalone_mode=False)
+        sys.stdout.flush()
+    except click_errors.NoArgsIsHelpError as exc:  # plain `tinyt`: typer printed the help
+        code = exc.exit_code
+    except click_errors.UsageError as exc:
+        where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        code = _report(f"{_usage_message(exc)}{where}", 2)
+    except click_errors.ClickException as exc:
+        code = _report(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        code = _report("aborted", 1)
+    except OutputFailed as exc:
+        code = 1 if exc.broken_pipe else _report(str(exc), 2)
+    except TinytError as exc:
+        code = _report(str(exc), 2, show_traceback=True)
+    except KeyboardInterrupt:
+        code = _report("interrupted", 130)
+    except Exception as exc:  # a bug: still one line, with a way to see more
+        code = _report(f"unexpected {type(exc).__name__}: {_first_line(exc)} (run with "
+                       "--verbose for the traceback, and please report it)", 1,
+                       show_traceback=True)
+    if isinstance(sys.stdout, _GuardedOutput) and sys.stdout.failed:
+        sys.stdout.silence()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _usage_message(exc: click_errors.UsageError) -> str:
+    """click's message for a usage error (e.g. "Invalid value for '-n' / '--last': Input
+    should be ...") on one line, starting in lower case like tinyt's own messages."""
+    message = " ".join(exc.format_message().split())
+    return message[0].lower() + message[1:] if message else "invalid usage"
+
+
+def _report(message: str, code: int, show_traceback: bool = False) -> int:
+    """Print `error: message` on stderr (and the traceback, if asked and --verbose is on);
+    return `code`."""
+    if show_traceback and _verbose():
+        traceback.print_exc()
+    try:
+        typer.echo(f"error: {message}", err=True)
+    except OSError:
+        pass  # stderr itself is gone: the exit code is all that is left
+    return code
 
 
 if __name__ == "__main__":

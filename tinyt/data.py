@@ -11,10 +11,16 @@ memory-mapped .npy id arrays, cached) -> `make_batches` -> `collate`; only the p
 index arrays of `make_batches` (a few bytes a pair) live in memory. With `data.streaming`,
 `stream_corpus` reads the split as a stream and `StreamingCorpus.batches` tokenizes and batches
 it a window of `data.stream_buffer` pairs at a time.
+
+`open_training_data` is what training calls: `open_corpus`, then exact duplicate pairs dropped
+(`data.dedup`) and validation/test sets held out of the training split (`data.holdout`,
+`carve`), written into the run directory, where `load_split` finds them again; the validation
+split comes back normalised as `data.normalize` says (`normalize_text`).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -23,10 +29,12 @@ import json
 import os
 import random
 import shutil
+import sys
+import unicodedata
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -34,9 +42,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinyt.config import DataConfig
+from tinyt.config import DataConfig, HoldoutConfig
 from tinyt.errors import TinytError
 from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
+from tinyt.writing import (atomic_torch_save, atomic_write_text, write_error, write_failure,
+                           writing)
 
 if TYPE_CHECKING:
     import datasets
@@ -65,12 +75,27 @@ def split_name(config: DataConfig, split: str) -> str:
     return mapping.get(split, split)
 
 
-def load_split(config: DataConfig, split: str) -> ParallelText:
-    """Load one split's sentence pairs, from `config.dir` if set, else from the hub."""
+def load_split(config: DataConfig, split: str, run_dir: str | Path | None = None
+               ) -> ParallelText:
+    """Load one split's sentence pairs, from `config.dir` if set, else from the hub; a role
+    that data.holdout carves out of the training split (valid, test) from `run_dir`, where
+    training wrote it (see `open_training_data`). The text is as read: `normalize_text`
+    applies data.normalize."""
+    if split in config.held_out_roles:
+        return _read_held_out(config, split, run_dir)
+    _check_corpus_location(config)
     name = split_name(config, split)
     if config.dir is not None:
         return _load_local(config, name)
     return _load_hub(config, name)
+
+
+def _check_corpus_location(config: DataConfig) -> None:
+    """A corpus without a hub copy (data.hub_name: "") needs its folder: TinytError if unset."""
+    if config.dir is None and config.hub_name == "":
+        raise TinytError("data.dir is unset and data.hub_name is empty (the corpus has no hub "
+                         "copy): give its folder with --data-dir DIR (make train DATA=DIR) or "
+                         "data.dir")
 
 
 def _hub_label(config: DataConfig, name: str) -> str:
@@ -87,16 +112,115 @@ def _hub_error(label: str, exc: BaseException) -> TinytError:
                       "folder with the corpus files (e.g. make train DATA=../shared/data/multi30k)")
 
 
-def _load_hub_table(config: DataConfig, name: str, cache_dir: Path | None = None,
-                    streaming: bool = False) -> Any:
-    """The hub split as a `datasets.Dataset` (an `IterableDataset` when streaming)."""
-    import datasets  # slow to import; only the hub path needs it at this point
+# One TCP connection attempt to the hub, DNS lookup included, must succeed within this many
+# seconds, or the hub counts as unreachable and datasets are read from the cache only.
+_HUB_PROBE_SECONDS = 4.0
+
+
+def _hub_address() -> tuple[str, int] | None:
+    """(host, port) that a request to the hub endpoint (HF_ENDPOINT, by default
+    https://huggingface.co) first connects to: the endpoint itself, or the proxy that the
+    environment (HTTPS_PROXY, NO_PROXY, ...) names for it. None if the URL makes no sense."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    import datasets
 
     try:
-        return datasets.load_dataset(config.hub_name, config.hub_config, split=name,
-                                     cache_dir=None if cache_dir is None else str(cache_dir),
-                                     streaming=streaming)
+        url = urlsplit(datasets.config.HF_ENDPOINT)
+        host = url.hostname or ""
+        proxy = getproxies().get(url.scheme)
+        if proxy and host and not proxy_bypass(host):
+            url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme, 1080)
+    except ValueError:  # a malformed URL or port
+        return None
+    return (url.hostname, port) if url.hostname else None
+
+
+def _hub_reachable(timeout: float | None = None) -> bool:
+    """Whether one TCP connection to the hub (or its proxy) opens within `timeout` seconds
+    (`_HUB_PROBE_SECONDS` by default). A DNS lookup ignores socket timeouts and can hang for
+    long, so the attempt runs in a thread that is waited for `timeout` seconds at most. Only a
+    connection that cannot even be opened counts as unreachable: whatever happens after it is
+    left to `datasets` and its retries."""
+    import socket
+    import threading
+
+    timeout = _HUB_PROBE_SECONDS if timeout is None else timeout
+    address = _hub_address()
+    if address is None:
+        return True  # nothing to probe: let datasets try, and report its own error
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except Exception:  # no DNS answer, no route, refused, timed out
+            opened.append(False)
+
+    attempt = threading.Thread(target=connect, name="tinyt-hub-probe", daemon=True)
+    attempt.start()
+    attempt.join(timeout)
+    return bool(opened) and opened[0]
+
+
+def _hub_offline_requested() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value (read now, and as
+    huggingface_hub and datasets read them when imported)."""
+    import datasets
+    from huggingface_hub import constants
+
+    def true(name: str) -> bool:
+        return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+    return (true("HF_HUB_OFFLINE") or true("HF_DATASETS_OFFLINE")
+            or bool(datasets.config.HF_HUB_OFFLINE) or bool(constants.HF_HUB_OFFLINE))
+
+
+@contextlib.contextmanager
+def _hub_offline_mode() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode for the duration: no request at all, hub
+    datasets come from datasets' cache. Both libraries read HF_HUB_OFFLINE/HF_DATASETS_OFFLINE
+    into constants when imported, so the constants are switched, and restored afterwards."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+             constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+         constants.HF_HUB_OFFLINE) = saved
+
+
+def _load_hub_table(config: DataConfig, name: str, cache_dir: Path | None = None,
+                    streaming: bool = False) -> Any:
+    """The hub split as a `datasets.Dataset` (an `IterableDataset` when streaming).
+
+    Offline — HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, or no connection to the hub within
+    `_HUB_PROBE_SECONDS` — the split is read from datasets' cache without any request, and a
+    dataset missing there is reported at once, not after minutes of retried requests."""
+    import datasets  # slow to import; only the hub path needs it at this point
+
+    offline = None
+    if _hub_offline_requested():
+        offline = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
+    elif not _hub_reachable():
+        offline = f"{datasets.config.HF_ENDPOINT} cannot be reached"
+    try:
+        with _hub_offline_mode() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(config.hub_name, config.hub_config, split=name,
+                                         cache_dir=None if cache_dir is None else str(cache_dir),
+                                         streaming=streaming)
     except Exception as exc:  # network, missing dataset or split: all end the same way
+        if offline and isinstance(exc, ConnectionError):  # offline, and not in the cache
+            where = cache_dir or datasets.config.HF_DATASETS_CACHE
+            exc = ConnectionError(f"{offline} and it is not in the datasets cache ({where})")
         raise _hub_error(_hub_label(config, name), exc) from None
 
 
@@ -159,12 +283,15 @@ def _iter_lines(path: Path) -> Iterator[str]:
     which occur inside real sentences and would break the alignment of the two files (a binary
     file iterates on b'\\n' alone). A final '\\n' does not start another line; trailing '\\r'
     are dropped. UTF-8 never has a 0x0A byte inside a multi-byte character, so decoding line by
-    line finds exactly the errors decoding the whole file would, the first one first.
+    line finds exactly the errors decoding the whole file would, the first one first. A UTF-8
+    byte-order mark at the start of the file is not text and is dropped.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             for number, raw in enumerate(f, 1):
+                if number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -232,14 +359,96 @@ def _load_table_file(config: DataConfig, path: Path, cache_dir: Path | None = No
     if config.format == "tsv":
         # quoting=3 (csv.QUOTE_NONE): quotes inside sentences are text, not CSV syntax.
         options.update(delimiter="\t", quoting=3, keep_default_na=False)
+        if config.columns is not None:
+            # No header row: the names come from the config. usecols keeps the named columns
+            # and ignores later ones (with fewer names than columns, pandas would otherwise
+            # turn the first columns into an index).
+            _check_tsv_columns(config.columns, path)
+            options.update(column_names=list(config.columns),
+                           usecols=list(range(len(config.columns))))
+        if not streaming:
+            _check_tsv_tabs(path, has_header=config.columns is None)
     try:
         return datasets.load_dataset("json" if config.format == "jsonl" else "csv", **options)
     except Exception as exc:
-        raise _parse_error(config, path, exc) from None
+        raise _table_error(config, path, exc, cache_dir) from None
+
+
+def _check_tsv_tabs(path: Path, has_header: bool) -> None:
+    """Warn (on stderr) about lines of a TSV file that have no tab: the parser reads each as a
+    source sentence with an empty target, which training leaves out and scoring compares with
+    an empty reference. A file where no line has a tab is a TinytError (not a TSV file, or
+    another separator)."""
+    rows, missing, first = 0, 0, []
+    for number, line in enumerate(_iter_lines(path), 1):
+        if (has_header and number == 1) or not line.strip():
+            continue
+        rows += 1
+        if "\t" not in line:
+            missing += 1
+            if len(first) < 5:
+                first.append(number)
+    if not missing:
+        return
+    where = ", ".join(map(str, first)) + (", ..." if missing > len(first) else "")
+    if missing == rows:
+        raise TinytError(f"no line of {path} has a tab (lines {where}); a TSV file separates "
+                         "the source and target columns with a tab character")
+    print(f"warning: {missing} line(s) of {path} have no tab (lines {where}); each is read as "
+          "a source sentence with an empty target", file=sys.stderr)
+
+
+def _check_tsv_columns(columns: list[str], path: Path) -> None:
+    """Raise TinytError when the first non-empty line of a headerless TSV file has fewer
+    columns than data.columns names (pandas would report only that generating failed)."""
+    first = next((line for line in _iter_lines(path) if line.strip()), None)
+    found = 0 if first is None else first.count("\t") + 1
+    if first is not None and found < len(columns):
+        raise TinytError(f"{path} has {found} tab-separated column(s) in its first line, but "
+                         f"data.columns names {len(columns)} ({', '.join(columns)}); name the "
+                         "file's columns in order (later ones may be left out)")
 
 
 def _parse_error(config: DataConfig, path: Path, exc: BaseException) -> TinytError:
+    """A TinytError for a table file `datasets` could not parse: for JSONL the first line
+    that is not a JSON object, found by reading the file again (`datasets` names only a
+    position inside a block); otherwise the parser's own first line."""
+    if config.format == "jsonl":
+        bad = _first_bad_json_line(path)
+        if bad is not None:
+            number, reason = bad
+            return TinytError(f"{path} line {number} is not a JSON object ({reason}); fix or "
+                              "delete that line")
     return TinytError(f"cannot parse {path} as {config.format.upper()}: {_first_line(exc)}")
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first non-blank line of a JSONL file that is not a
+    JSON object, or None if every line is one."""
+    for number, line in enumerate(_iter_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            return number, str(exc).split(":")[0][:80]
+        if not isinstance(value, dict):
+            return number, f"a JSON {type(value).__name__}, not an object"
+    return None
+
+
+def _table_error(config: DataConfig, path: Path, exc: BaseException,
+                 cache_dir: Path | None) -> TinytError:
+    """A TinytError for a failure of `datasets.load_dataset` on a table file: a cache it
+    could not write is named as such (with datasets' own cache, how to move it), not blamed
+    on the file; anything else is a parse error of the file."""
+    found = write_failure(exc)
+    if found is not None and found.filename and Path(found.filename) != path:
+        note = (f"the cache used to read {path}" if cache_dir is not None else
+                f"datasets' cache, used to read {path}: or set HF_DATASETS_CACHE (or HF_HOME) "
+                "to a writable folder")
+        return write_error(found, found.filename, note=note)
+    return _parse_error(config, path, exc)
 
 
 @dataclass
@@ -332,10 +541,7 @@ def tokenize(text: ParallelText, tokenizers: Tokenizers, cache_dir: str | Path |
     with tqdm(total=len(text), desc=desc, unit="sent", leave=False, dynamic_ncols=True) as bar:
         result = _encode_pairs(tokenizers, text.src, text.tgt, bar)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        torch.save(vars(result), tmp)
-        tmp.replace(cache_path)
+        atomic_torch_save(vars(result), cache_path)
     return result
 
 
@@ -422,7 +628,8 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
     import datasets
 
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with writing(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     name = split_name(config, split)
     if config.dir is not None and config.format == "text":
         src_path, tgt_path = _text_files(config, name)
@@ -430,10 +637,13 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
         path = cache_dir / f"corpus-{key}.arrow"
         dataset = _open_arrow(path)
         if dataset is None:
-            _write_pairs_arrow(_text_pair_stream(src_path, tgt_path), path, f"reading {name}")
+            with writing(path):
+                _write_pairs_arrow(_text_pair_stream(src_path, tgt_path), path,
+                                   f"reading {name}")
             dataset = datasets.Dataset.from_file(str(path))
         return Corpus(dataset, f"{src_path} / {tgt_path}", key)
     fields = [config.source_field, config.target_field, config.translation_field]
+    fields += [config.columns] if config.columns is not None else []  # how it is parsed
     if config.dir is not None:
         path = _table_file(config, name)
         label, key = str(path), _digest(config.format, _file_identity(path), *fields)
@@ -447,14 +657,22 @@ def open_corpus(config: DataConfig, split: str, cache_dir: str | Path) -> Corpus
         table = _load_hub_table(config, name)
         label, key = _hub_label(config, name), _digest("hub", table._fingerprint, *fields)
     _check_fields(list(table.column_names), table[0] if len(table) else None, config, label)
-    dataset = table.map(
+    with writing(cache_dir / f"corpus-{key}.arrow"):
+        dataset = _copy_pair_columns(table, config, key, cache_dir, name)
+    return Corpus(dataset, label, key)
+
+
+def _copy_pair_columns(table: datasets.Dataset, config: DataConfig, key: str, cache_dir: Path,
+                       name: str) -> datasets.Dataset:
+    """The configured source and target fields of `table` as a table of two string columns,
+    cached in `cache_dir/corpus-KEY.arrow`."""
+    return table.map(
         _pair_columns, batched=True, batch_size=_CHUNK_PAIRS,
         fn_kwargs={"src_field": config.source_field, "tgt_field": config.target_field,
                    "nested": config.translation_field},
         remove_columns=list(table.column_names), features=_pair_features(),
         new_fingerprint=key, cache_file_name=str(cache_dir / f"corpus-{key}.arrow"),
         desc=f"reading {name}")
-    return Corpus(dataset, label, key)
 
 
 def _pair_features() -> datasets.Features:
@@ -527,8 +745,21 @@ def tokenize_corpus(corpus: Corpus, tokenizers: Tokenizers, cache_dir: str | Pat
     cached = _load_token_arrays(folder)
     if cached is not None:
         return cached
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)  # damaged, or half-copied by hand
+    with writing(folder):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # damaged, or half-copied by hand
+        _encode_into_arrays(corpus, tokenizers, cache_dir, key, num_proc, desc)
+    result = _load_token_arrays(folder)
+    if result is None:
+        raise TinytError(f"the token ids written to {folder} cannot be read back; check the disk "
+                         "and delete the folder")
+    return result
+
+
+def _encode_into_arrays(corpus: Corpus, tokenizers: Tokenizers, cache_dir: Path, key: str,
+                        num_proc: int, desc: str) -> None:
+    """Tokenize `corpus` with `datasets.map` and copy the ids into `cache_dir/tokens-KEY/`."""
+    folder = cache_dir / f"tokens-{key}"
     processes = max(1, min(num_proc, len(corpus) // MIN_PAIRS_PER_PROCESS))
     encoded = corpus.dataset.map(
         _encode_columns, batched=True, num_proc=processes if processes > 1 else None,
@@ -542,11 +773,6 @@ def tokenize_corpus(corpus: Corpus, tokenizers: Tokenizers, cache_dir: str | Pat
     # The map's Arrow files (one a process) duplicate the .npy arrays: free the disk.
     for path in cache_dir.glob(f"tokens-{key}*.arrow"):
         path.unlink(missing_ok=True)
-    result = _load_token_arrays(folder)
-    if result is None:
-        raise TinytError(f"the token ids written to {folder} cannot be read back; check the disk "
-                         "and delete the folder")
-    return result
 
 
 def _token_features() -> datasets.Features:
@@ -794,6 +1020,7 @@ def stream_corpus(config: DataConfig, split: str) -> StreamingCorpus:
     reading."""
     name = split_name(config, split)
     fields = [config.source_field, config.target_field, config.translation_field]
+    fields += [config.columns] if config.columns is not None else []  # how it is parsed
     if config.dir is not None and config.format == "text":
         src_path, tgt_path = _text_files(config, name)
         return StreamingCorpus(
@@ -842,3 +1069,312 @@ def _reader_errors(rows: Iterable[Any], wrap: Callable[[BaseException], TinytErr
         raise
     except Exception as exc:
         raise wrap(exc) from None
+
+
+# -- corpora as people have them: normalisation, duplicates, held-out splits -----------------
+
+# The folder of a run directory that holds what training carved out of the training split:
+# valid.jsonl and test.jsonl (data.holdout) and split.json, the record of how it was made.
+HELD_OUT_DIR = "data"
+_MANIFEST = "split.json"
+_MANIFEST_FORMAT = "tinyt-split-1"
+# Letters of this many training pairs name each side's scripts (`tinyt info`).
+_SCRIPT_SAMPLE = 2000
+
+
+def normalize_text(text: ParallelText, form: str) -> ParallelText:
+    """Both sides of `text` in Unicode normal form `form` (data.normalize: nfkc or nfc; none
+    leaves the text as read).
+
+    SentencePiece normalises whatever it encodes with its own NFKC-based rule (nmt_nfkc), at
+    training and at translation alike, so this does not change what a model reads; it decides
+    the text tinyt compares and scores: validation and test sources and references (the
+    model writes NFKC text, e.g. "," for Chinese "，"), duplicates and held-out sources.
+    """
+    if form == "none":
+        return text
+    return ParallelText([unicodedata.normalize(form.upper(), s) for s in text.src],
+                        [unicodedata.normalize(form.upper(), t) for t in text.tgt], text.name)
+
+
+def _comparison_key(sentence: str, form: str) -> str:
+    """What two sentences share when they count as the same: the text in normal form `form`,
+    runs of whitespace as one space and none at the ends (SentencePiece reads them so too)."""
+    if form != "none":
+        sentence = unicodedata.normalize(form.upper(), sentence)
+    return " ".join(sentence.split())
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "little")
+
+
+def _pair_hashes(corpus: Corpus, form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source hash, pair hash, usable), one entry per corpus row: 64-bit hashes of the
+    comparison keys of the source and of the whole pair, and whether both sides have text.
+    Reads the table `_CHUNK_PAIRS` rows at a time; memory holds 17 bytes a pair."""
+    total = len(corpus)
+    src_hash = np.zeros(total, dtype=np.uint64)
+    pair_hash = np.zeros(total, dtype=np.uint64)
+    usable = np.zeros(total, dtype=bool)
+    table = corpus.dataset.with_format("arrow")
+    with tqdm(total=total, desc="finding duplicates", unit="sent", leave=False,
+              dynamic_ncols=True, delay=_BAR_DELAY) as bar:
+        for start in range(0, total, _CHUNK_PAIRS):
+            part = table[start: start + _CHUNK_PAIRS]
+            keys = [(_comparison_key(s or "", form), _comparison_key(t or "", form))
+                    for s, t in zip(part.column("src").to_pylist(),
+                                    part.column("tgt").to_pylist())]
+            end = start + len(keys)
+            src_hash[start:end] = [_hash64(s) for s, _ in keys]
+            # The keys hold no tab (whitespace became single spaces): a safe separator.
+            pair_hash[start:end] = [_hash64(f"{s}\t{t}") for s, t in keys]
+            usable[start:end] = [bool(s) and bool(t) for s, t in keys]
+            bar.update(len(keys))
+    return src_hash, pair_hash, usable
+
+
+@dataclass
+class Carving:
+    """Which rows of a training split stay for training, and which were held out."""
+
+    keep: np.ndarray  # (N,) bool: the row stays in the training split
+    held_out: dict[str, np.ndarray]  # role (valid, test) -> its rows, in corpus order
+    duplicates: int  # pairs dropped as exact repeats of an earlier pair (data.dedup)
+    mates: int  # further pairs dropped because their source sentence was held out
+
+
+def carve(src_hash: np.ndarray, pair_hash: np.ndarray, usable: np.ndarray,
+          holdout: HoldoutConfig | None, dedup: bool, label: str) -> Carving:
+    """Drop exact duplicate pairs (the first of each is kept) when `dedup`, and hold out
+    `holdout.valid` + `holdout.test` pairs with distinct source sentences.
+
+    Held out are whole source groups: the pairs are grouped by source hash, the groups (in
+    hash order, so independent of the file's line order) shuffled by `holdout.seed`, the first
+    `test` groups go to test and the next `valid` to valid, each represented by its first pair;
+    every other pair of those groups leaves training, so no held-out source sentence is
+    trained on. Only pairs with text on both sides count. A 64-bit hash collision (odds about
+    N² / 2^65) could merge two groups, or drop one distinct pair as a duplicate.
+    """
+    keep = np.ones(len(src_hash), dtype=bool)
+    rows = np.flatnonzero(usable)
+    duplicates = 0
+    if dedup:
+        _, first = np.unique(pair_hash[rows], return_index=True)
+        repeat = np.ones(len(rows), dtype=bool)
+        repeat[first] = False
+        keep[rows[repeat]] = False
+        duplicates = int(repeat.sum())
+    held_out: dict[str, np.ndarray] = {}
+    mates = 0
+    if holdout is not None:
+        groups, first = np.unique(src_hash[rows], return_index=True)
+        wanted = holdout.valid + holdout.test
+        if len(groups) <= wanted:
+            raise TinytError(
+                f"data.holdout asks for {holdout.valid:,} valid + {holdout.test:,} test pairs "
+                f"with distinct source sentences, but {label} has only {len(groups):,} distinct "
+                f"source sentences (in {len(rows):,} pairs with text on both sides), and "
+                "training needs some too; lower data.holdout.valid/test")
+        order = np.random.default_rng(holdout.seed).permutation(len(groups))
+        picks = {"test": order[: holdout.test], "valid": order[holdout.test: wanted]}
+        held_out = {role: np.sort(rows[first[p]]) for role, p in picks.items() if len(p)}
+        in_held_groups = np.isin(src_hash, groups[order[:wanted]])
+        mates = int((in_held_groups & keep).sum()) - wanted
+        keep &= ~in_held_groups
+    return Carving(keep, held_out, duplicates, mates)
+
+
+def _write_kept_rows(corpus: Corpus, keep: np.ndarray, path: Path) -> None:
+    """Write the rows of `corpus` where `keep` is true, in order, as an Arrow stream file at
+    `path` (atomically, as `_write_pairs_arrow`), a slice of `_CHUNK_PAIRS` rows at a time."""
+    import pyarrow as pa
+
+    schema = pa.schema([("src", pa.string()), ("tgt", pa.string())])
+    table = corpus.dataset.with_format("arrow")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for start in range(0, len(keep), _CHUNK_PAIRS):
+                part = table[start: start + _CHUNK_PAIRS].select(["src", "tgt"])
+                part = part.filter(pa.array(keep[start: start + len(part)])).cast(schema)
+                for batch in part.to_batches():
+                    writer.write_batch(batch)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _script_names(lines: Iterable[str]) -> list[str]:
+    """Unicode scripts of the letters in `lines`, most used first, those with at least 5 % of
+    the letters: e.g. ["Latin"], ["Han"], ["Han", "Katakana", "Hiragana"]."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        for char in line:
+            if char.isalpha():
+                words = unicodedata.name(char, "UNKNOWN").replace("-", " ").split()
+                if words[0] in ("FULLWIDTH", "HALFWIDTH") and len(words) > 1:
+                    words = words[1:]
+                script = "Han" if words[0] == "CJK" else words[0].title()
+                counts[script] = counts.get(script, 0) + 1
+    total = sum(counts.values())
+    return [name for name, n in sorted(counts.items(), key=lambda item: -item[1])
+            if n >= 0.05 * total]
+
+
+def read_split_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The record training wrote of its data (`RUN/data/split.json`): source, pair counts,
+    duplicates dropped, held-out sizes, scripts; None when there is none (or it is damaged)."""
+    try:
+        record = json.loads((Path(run_dir) / HELD_OUT_DIR / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == _MANIFEST_FORMAT \
+        else None
+
+
+def held_out_home(out_dir: Path, run_dir: Path) -> Path:
+    """The run directory whose data/ holds the held-out splits: `out_dir` when it has them (a
+    run evaluated in place), else `run_dir` (a bundle's config names the run it came from)."""
+    return out_dir if (out_dir / HELD_OUT_DIR / _MANIFEST).is_file() else run_dir
+
+
+def _read_held_out(config: DataConfig, role: str, run_dir: str | Path | None) -> ParallelText:
+    """A split that training carved out of the training file, from `run_dir/data/ROLE.jsonl`."""
+    if run_dir is None:
+        raise TinytError(f"split {role!r} is held out of the training file (data.holdout) and "
+                         "kept in the run directory that trained on it; evaluate that run "
+                         "(--run runs/NAME)")
+    path = Path(run_dir) / HELD_OUT_DIR / f"{role}.jsonl"
+    src: list[str] = []
+    tgt: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                src.append(str(record["src"]))
+                tgt.append(str(record["tgt"]))
+    except FileNotFoundError:
+        raise TinytError(f"{path} is missing: the {role} split that training held out of the "
+                         "training file (data.holdout) is kept there; restore it, or train the "
+                         "run again") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TinytError(f"{path} is damaged; restore it, or train the run again") from None
+    return ParallelText(src, tgt, str(path))
+
+
+def open_training_data(config: DataConfig, run_dir: str | Path, resume: bool = False,
+                       report: Callable[[str], None] | None = None
+                       ) -> tuple[Corpus | StreamingCorpus, ParallelText]:
+    """The training split, ready for the tokenizer and training, and the validation split
+    (normalised by data.normalize), as `tinyt train` opens them in `run_dir`.
+
+    Without data.dedup and data.holdout (and when streaming) the training split is
+    `open_corpus`'s (or `stream_corpus`'s) as it is. Otherwise one pass over it hashes every
+    pair (`carve`): exact duplicate pairs are dropped, `holdout.valid`/`holdout.test` pairs are
+    held out, and the pairs that stay are copied into a second Arrow table in the run's cache,
+    which training then tokenizes (a corpus too large for memory costs that pass at every
+    start, 3.5 s a million short pairs on the 2-core development machine, and the copy on disk;
+    memory holds 17 bytes a pair).
+
+    The held-out splits go to `run_dir/data/valid.jsonl` and `test.jsonl`, as read (no
+    normalisation), and `run_dir/data/split.json` records the counts and a digest of the
+    training file's content. A later start (a resume, another rank, `tinyt evaluate`) reads
+    the splits back from there. A resume whose training file or data settings changed since
+    is refused. Nothing is written before every check has passed. `report` receives a line
+    saying what was dropped and held out.
+    """
+    run_dir = Path(run_dir)
+    _check_corpus_location(config)
+    held_roles = config.held_out_roles
+    valid = None
+    if "valid" not in held_roles:  # small, and quick to fail on a missing file
+        valid = normalize_text(load_split(config, "valid"), config.normalize)
+    if config.streaming:
+        return stream_corpus(config, "train"), valid
+    corpus = open_corpus(config, "train", run_dir / "cache")
+    scripts = {side: _script_names(lines) for side, lines in
+               zip(("src", "tgt"), corpus.sample(min(_SCRIPT_SAMPLE, len(corpus)), seed=0))}
+    settings = {"normalize": config.normalize, "dedup": config.dedup,
+                "holdout": None if config.holdout is None else asdict(config.holdout)}
+    record: dict[str, Any] = {
+        "format": _MANIFEST_FORMAT, "source": corpus.name, "content": None,
+        "settings": settings, "languages": {"src": config.src_lang, "tgt": config.tgt_lang},
+        "scripts": scripts, "pairs": len(corpus), "duplicates": None,
+        "held_out": {role: 0 for role in ("valid", "test")}, "held_out_mates": 0,
+        "train_pairs": len(corpus)}
+    carving = None
+    if config.dedup or held_roles:
+        src_hash, pair_hash, usable = _pair_hashes(corpus, config.normalize)
+        record["content"] = _digest("content", config.normalize,
+                                    hashlib.sha256(pair_hash.tobytes()).hexdigest())
+        carving = carve(src_hash, pair_hash, usable, config.holdout, config.dedup, corpus.name)
+        del src_hash, pair_hash, usable
+        record.update(duplicates=carving.duplicates if config.dedup else None,
+                      held_out={role: len(carving.held_out.get(role, ()))
+                                for role in ("valid", "test")},
+                      held_out_mates=carving.mates, train_pairs=int(carving.keep.sum()))
+        if record["train_pairs"] == 0 and len(corpus):
+            raise TinytError(f"no training pair of {corpus.name} is left after dropping "
+                             "duplicates and held-out pairs; check the file and data.holdout")
+    folder = run_dir / HELD_OUT_DIR
+    before = read_split_record(run_dir)
+    if resume and before is not None and (before.get("content"), before.get("settings")) != (
+            record["content"], record["settings"]):
+        raise TinytError(f"the training file ({corpus.name}) or the data settings changed since "
+                         f"this run was started ({folder / _MANIFEST} differs), so its held-out "
+                         "splits and training pairs would differ; resume with the original file "
+                         "and settings, or start a new run (--run-dir, or --overwrite)")
+
+    train: Corpus = corpus
+    if carving is not None and not carving.keep.all():
+        key = _digest("carved", corpus.fingerprint, record["content"], settings)
+        path = run_dir / "cache" / f"corpus-{key}.arrow"
+        dataset = _open_arrow(path)
+        if dataset is None:
+            with writing(path):
+                _write_kept_rows(corpus, carving.keep, path)
+            dataset = _open_arrow(path)
+        train = Corpus(dataset, f"{corpus.name} (training part)", key)
+
+    # Every check has passed: write what is new (a resume, or another rank, finds it there).
+    if before != record or any(not (folder / f"{role}.jsonl").is_file() for role in held_roles):
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        held_out = carving.held_out if carving is not None else {}
+        table = corpus.dataset.with_format("arrow")
+        for role in ("valid", "test"):
+            target = folder / f"{role}.jsonl"
+            if role not in held_out:  # left from an earlier start with other settings
+                target.unlink(missing_ok=True)
+                continue
+            # "row": the pair's row in the training file's table (from 0; blank lines of a
+            # TSV file are skipped).
+            part = table[held_out[role].tolist()]
+            lines = [json.dumps({"src": s, "tgt": t, "row": int(r)}, ensure_ascii=False) + "\n"
+                     for s, t, r in zip(part.column("src").to_pylist(),
+                                        part.column("tgt").to_pylist(), held_out[role])]
+            atomic_write_text(target, "".join(lines))
+        atomic_write_text(folder / _MANIFEST, json.dumps(record, indent=2, ensure_ascii=False))
+    if valid is None:
+        valid = normalize_text(_read_held_out(config, "valid", run_dir), config.normalize)
+    if report is not None:
+        report(describe_split_record(record))
+    return train, valid
+
+
+def describe_split_record(record: dict[str, Any]) -> str:
+    """One line on what `open_training_data` did with the training file."""
+    parts = [f"data: {record['pairs']:,} pairs in {record['source']}"]
+    if record.get("duplicates") is not None:
+        parts.append(f"{record['duplicates']:,} exact duplicates dropped")
+    held = record.get("held_out") or {}
+    if any(held.values()):
+        mates = record.get("held_out_mates") or 0
+        parts.append(f"held out {held.get('valid', 0):,} valid + {held.get('test', 0):,} test "
+                     "pairs with distinct source sentences" + (
+                         f" ({mates:,} more pairs sharing their sources left out)" if mates
+                         else ""))
+    parts.append(f"{record['train_pairs']:,} training pairs")
+    return "; ".join(parts)

@@ -14,7 +14,9 @@ A plain `tinyt train` (no torchrun) is a world of one process and makes no colle
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -29,6 +31,11 @@ T = TypeVar("T")
 # One-off work on rank 0 (tokenizing a large corpus, validating) can keep the other ranks
 # waiting in a collective far longer than torch's default timeout allows.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# Seconds the processes of a hand-launched world (RANK, WORLD_SIZE, MASTER_ADDR and
+# MASTER_PORT set without torchrun) wait for each other to start, unless the environment
+# variable below says otherwise: a rank that never comes should not hang the others for hours.
+RENDEZVOUS_TIMEOUT_S = 600.0
+RENDEZVOUS_TIMEOUT_VARIABLE = "TINYT_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,69 @@ def start(world: World, device: torch.device) -> torch.device:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        _join(world, backend, device if device.type == "cuda" else None)
     return device
+
+
+def _join(world: World, backend: str, device_id: torch.device | None,
+          environ: dict[str, str] | None = None) -> None:
+    """Join the process group. Under torchrun its agent has already gathered every process,
+    so the usual `env://` initialisation is immediate. Launched by hand, the processes meet
+    at MASTER_ADDR:MASTER_PORT, waiting at most `rendezvous_timeout` seconds for each other
+    (and saying so on stderr), not the two hours that the collectives may take later."""
+    env = os.environ if environ is None else environ
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise TinytError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not; torchrun sets all of "
+                         "them (torchrun --nproc_per_node N -m tinyt train ...). To train as one "
+                         "process, unset RANK and WORLD_SIZE")
+    host, port_text = env["MASTER_ADDR"], env["MASTER_PORT"]
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise TinytError(f"MASTER_PORT={port_text[:20]!r} is not a port number (1-65535)")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
+        return
+    timeout = rendezvous_timeout(env)
+    address = f"{host}:{port_text}"
+    processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
+    print(f"{'' if world.is_main else f'rank {world.rank}: '}waiting for {processes} at "
+          f"{address} (timeout {timeout:g} s, set {RENDEZVOUS_TIMEOUT_VARIABLE} to change it)",
+          file=sys.stderr, flush=True)
+    try:
+        store = dist.TCPStore(host, int(port_text), world.world_size, is_master=world.is_main,
+                              timeout=timedelta(seconds=timeout), wait_for_workers=True)
+    except RuntimeError as exc:  # torch's DistStoreError and DistNetworkError
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+            raise TinytError(f"MASTER_PORT {port_text} is already in use on this machine; "
+                             "choose a free port for MASTER_PORT") from None
+        who = ("not every process joined" if world.is_main else
+               "no rank 0 answered there")
+        raise TinytError(f"gave up after {timeout:g} s waiting for {processes} at {address}: "
+                         f"{who}. Start all WORLD_SIZE processes with the same "
+                         "MASTER_ADDR and MASTER_PORT (torchrun does this), or give them longer "
+                         f"with {RENDEZVOUS_TIMEOUT_VARIABLE}=SECONDS") from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)  # everyone is here; later waits are rank 0's work
+    dist.init_process_group(backend, store=store, rank=world.rank,
+                            world_size=world.world_size, timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device_id)
+
+
+def rendezvous_timeout(environ: dict[str, str] | None = None) -> float:
+    """Seconds hand-launched processes wait for each other: TINYT_DIST_TIMEOUT, else
+    RENDEZVOUS_TIMEOUT_S."""
+    env = os.environ if environ is None else environ
+    text = env.get(RENDEZVOUS_TIMEOUT_VARIABLE)
+    if text is None or not text.strip():
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise TinytError(f"{RENDEZVOUS_TIMEOUT_VARIABLE}={text[:20]!r} is not a number of "
+                         "seconds > 0")
+    return seconds
 
 
 def stop(world: World) -> None:

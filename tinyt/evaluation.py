@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyt.config import Config
-from tinyt.data import TokenizedText, collate, load_split, make_batches, tokenize
+from tinyt.config import check_bleu_tokenizer_installed
+from tinyt.data import (TokenizedText, collate, held_out_home, load_split, make_batches,
+                        normalize_text, tokenize)
 from tinyt.errors import TinytError
 from tinyt.hardware import autocast
 from tinyt.model import Transformer
 from tinyt.tokenizer import PAD_ID, Tokenizers
 from tinyt.translation import Translator
+from tinyt.writing import append_text, atomic_write_text, check_writable_dir
 
 
 @torch.no_grad()
@@ -51,9 +54,24 @@ def perplexity(nll: float) -> float:
     return math.exp(min(nll, 100.0))
 
 
-def score_translations(hypotheses: list[str], references: list[str]) -> dict[str, object]:
-    """Corpus BLEU (13a tokenization, cased) and chrF with sacrebleu's signatures."""
-    bleu = sacrebleu.metrics.BLEU()
+def bleu_metric(tokenize: str = "13a") -> sacrebleu.metrics.BLEU:
+    """sacreBLEU's corpus BLEU (cased) with tokenizer `tokenize` (decoding.bleu_tokenize as a
+    Config decides it: zh, ja-mecab, ko-mecab or 13a by the target language). A tokenizer
+    whose packages are missing is a TinytError naming the pip extra."""
+    check_bleu_tokenizer_installed(tokenize)
+    try:
+        return sacrebleu.metrics.BLEU(tokenize=tokenize)
+    except (RuntimeError, ImportError, OSError) as exc:  # MeCab without its dictionary, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise TinytError(f"sacreBLEU cannot use the BLEU tokenizer {tokenize} ({reason}); "
+                         "install what it needs or set decoding.bleu_tokenize, e.g. char") from None
+
+
+def score_translations(hypotheses: list[str], references: list[str],
+                       bleu_tokenize: str = "13a") -> dict[str, object]:
+    """Corpus BLEU (cased, tokenized by `bleu_tokenize`) and chrF with sacrebleu's signatures,
+    which name the tokenizer (e.g. tok:zh)."""
+    bleu = bleu_metric(bleu_tokenize)
     chrf = sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hypotheses, [references])
     chrf_score = chrf.corpus_score(hypotheses, [references])
@@ -73,10 +91,16 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, s
     """Score `model` on a split of the config's corpus, as `tinyt evaluate` does.
 
     Teacher-forced loss and perplexity, then beam search (beam_size, default the config's),
-    BLEU and chrF. Hypotheses go to `out_dir/translations/SPLIT.beamK.LANG` and the scores are
-    appended to `out_dir/evaluations.jsonl`; the returned dict holds both.
+    BLEU (tokenized by decoding.bleu_tokenize) and chrF. Sources and references are normalised
+    as data.normalize says; a split held out of the training file (data.holdout) is read from
+    the run directory: `out_dir`, or the config's run_dir when `out_dir` is a bundle's folder.
+    Hypotheses go to `out_dir/translations/SPLIT.beamK.LANG` and the scores are appended to
+    `out_dir/evaluations.jsonl`; the returned dict holds both.
     """
-    text = load_split(config.data, split)
+    bleu_metric(config.decoding.bleu_tokenize)  # a missing tokenizer fails before decoding
+    hyp_dir = check_writable_dir(out_dir / "translations")  # so does an unwritable out_dir
+    run_dir = held_out_home(out_dir, Path(config.run_dir))
+    text = normalize_text(load_split(config.data, split, run_dir), config.data.normalize)
     if len(text) == 0:
         raise TinytError(f"split {split!r} ({text.name}) is empty")
     translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
@@ -86,21 +110,18 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, s
     beam = beam_size or config.decoding.beam_size
     hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
                                 progress=progress)
-    scores = score_translations(hyps, text.tgt)
-    hyp_dir = out_dir / "translations"
-    hyp_dir.mkdir(parents=True, exist_ok=True)
+    scores = score_translations(hyps, text.tgt, config.decoding.bleu_tokenize)
     # best.pt's hypotheses are SPLIT.beamK.LANG; another checkpoint's name goes in too, so
     # evaluating averaged.pt does not overwrite them.
     stem = checkpoint[:-3] if checkpoint.endswith(".pt") else checkpoint
     tag = "" if checkpoint == "best.pt" else "." + re.sub(r"[^\w-]+", "_", stem)
     hyp_path = hyp_dir / f"{split}.beam{beam}{tag}.{config.data.tgt_lang}"
-    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    atomic_write_text(hyp_path, "".join(h + "\n" for h in hyps))
     result = {"split": split, "sentences": len(text), "checkpoint": checkpoint, "step": step,
               "beam": beam, "loss": round(nll, 4),
               "ppl": round(perplexity(nll), 3), "target_tokens": n_tokens, **scores,
               "hypotheses": str(hyp_path)}
-    with open(out_dir / "evaluations.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
+    append_text(out_dir / "evaluations.jsonl", json.dumps(result) + "\n")
     return result
 
 

@@ -8,6 +8,7 @@ are left alone. Every figure has a fixed size and dpi, so the PNG's pixel size i
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from tinyt.errors import TinytError
 from tinyt.tokenizer import BOS_ID, EOS_ID
+from tinyt.writing import atomic_write_bytes
 
 # (width, height) in inches and dots per inch of each figure: PNGs of 1000x750 and 1400x650.
 CURVES_SIZE, CURVES_DPI = (10.0, 7.5), 100
@@ -42,14 +44,12 @@ def _save(fig, out_png: str | Path) -> Path:
     """Write `fig` to `out_png` (format from the suffix, PNG without one), making its folder.
     No bbox_inches="tight": it would crop the canvas and change the pixel size."""
     out_png = Path(out_png)
+    image = io.BytesIO()  # drawn in memory, then written atomically with tinyt.writing
     try:
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=fig.dpi, format=out_png.suffix[1:].lower() or "png")
-    except OSError as exc:
-        raise TinytError(f"could not write {out_png}: {exc.strerror or exc}") from None
+        fig.savefig(image, dpi=fig.dpi, format=out_png.suffix[1:].lower() or "png")
     except ValueError as exc:  # an unknown format suffix
         raise TinytError(f"could not write {out_png}: {exc}; use a .png file name") from None
-    return out_png
+    return atomic_write_bytes(out_png, image.getvalue())
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -10,17 +10,19 @@ of the training text and tokenizer config, so a second run over the same data re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
-import tempfile
-from dataclasses import asdict
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import sentencepiece as spm
 
 from tinyt.config import TokenizerConfig
 from tinyt.errors import TinytError
+from tinyt.writing import atomic_write_bytes, atomic_write_text, writing
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -83,9 +85,43 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
                          "(delete the run's tokenizer/ folder and train again)") from None
 
 
+def settled(config: TokenizerConfig) -> TokenizerConfig:
+    """`config` with `joint` left to auto (None) decided as it is when no languages are known:
+    joint. A `Config` decides it from its languages before it gets here
+    (tinyt.config.Config._resolve_auto); this covers a TokenizerConfig made on its own. An
+    auto character coverage stays None: each model takes it from its text (`auto_coverage`)."""
+    return replace(config, joint=config.joint is not False)
+
+
+# Code points of the scripts with thousands of characters: CJK ideographs (with extensions and
+# compatibility ideographs), kana, hangul jamo and syllables.
+_CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
+               (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
+               (0xFF66, 0xFF9F), (0x20000, 0x323AF))
+# A vocabulary's text counts as CJK when this share of its letters are CJK characters (a
+# joint English-Chinese vocabulary has about 25 %; English with a few Chinese names, < 1 %).
+_CJK_SHARE = 0.1
+_COVERAGE_SAMPLE = 10_000  # lines whose letters decide
+
+
+def auto_coverage(lines: list[str]) -> float:
+    """SentencePiece's character_coverage for a vocabulary of this text, as its authors advise:
+    0.9995 for Chinese, Japanese or Korean text (the rarest of thousands of characters are
+    better left <unk> than given a piece each), 1.0 for an alphabet (every letter kept).
+    Decided on the letters of up to `_COVERAGE_SAMPLE` lines spread over `lines`."""
+    letters = cjk = 0
+    for line in lines[:: max(1, len(lines) // _COVERAGE_SAMPLE)]:
+        for char in line:
+            if char.isalpha():
+                letters += 1
+                code = ord(char)
+                cjk += any(low <= code <= high for low, high in _CJK_RANGES)
+    return 0.9995 if letters and cjk >= _CJK_SHARE * letters else 1.0
+
+
 def fingerprint(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[str]) -> str:
     """Hash of the tokenizer config and the training text: equal hash, reusable tokenizer."""
-    h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(asdict(settled(config)), sort_keys=True).encode())
     for lines in (src_lines, tgt_lines):
         h.update(str(len(lines)).encode())
         for line in lines:
@@ -94,20 +130,28 @@ def fingerprint(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[s
     return h.hexdigest()[:16]
 
 
-def _train_model(lines: list[str], prefix: Path, config: TokenizerConfig, seed: int) -> None:
+def _train_model(lines: list[str], config: TokenizerConfig, seed: int) -> bytes:
+    """A SentencePiece model trained on `lines`, as the bytes of its .model file.
+
+    SentencePiece writes into memory here, not to files: writing files itself, it ignores a
+    failed write and leaves a truncated model behind (a full disk); tinyt writes the bytes.
+    """
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise TinytError("the training split has no text to learn a vocabulary from")
     if len(lines) > config.max_sentences:
         lines = random.Random(seed).sample(lines, config.max_sentences)
+    coverage = (auto_coverage(lines) if config.character_coverage is None
+                else config.character_coverage)
     spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
-            model_prefix=str(prefix),
+            model_writer=model,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
-            character_coverage=config.character_coverage,
+            character_coverage=coverage,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             # A corpus too small for the requested size gets a smaller vocabulary, not a crash.
             hard_vocab_limit=False,
@@ -117,9 +161,35 @@ def _train_model(lines: list[str], prefix: Path, config: TokenizerConfig, seed: 
             minloglevel=2,
         )
     except RuntimeError as exc:
+        chars = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if chars:  # e.g. a small vocabulary for Chinese text, with thousands of characters
+            raise TinytError(f"tokenizer.vocab_size {config.vocab_size} is smaller than the "
+                             f"{int(chars.group(1)):,} characters the training text needs at "
+                             f"character_coverage {coverage}; raise tokenizer.vocab_size or "
+                             "lower tokenizer.character_coverage") from None
         raise TinytError(f"SentencePiece could not train a {config.vocab_size}-piece vocabulary "
                          f"({str(exc).strip().splitlines()[-1]}); lower tokenizer.vocab_size "
                          "or use more training data") from None
+    return model.getvalue()
+
+
+def _vocab_listing(model: bytes) -> str:
+    """The .vocab file SentencePiece writes beside a model: each piece and its score, a line
+    each (for people; tinyt reads only the .model)."""
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    return "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+                   for i in range(processor.get_piece_size()))
+
+
+def _saved_fingerprint(meta_path: Path) -> str | None:
+    """The fingerprint recorded in a tokenizer folder's meta.json; None when the file is
+    missing or damaged (not UTF-8, not JSON, not an object): the tokenizer is then retrained
+    and the file rewritten."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return str(meta.get("fingerprint")) if isinstance(meta, dict) else None
 
 
 def train_or_load(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[str],
@@ -127,27 +197,36 @@ def train_or_load(config: TokenizerConfig, src_lines: list[str], tgt_lines: list
     """Tokenizers for this training text: reused from `directory` when the fingerprint matches,
     else trained afresh (joint: on source and target text together) and saved there."""
     directory = Path(directory)
+    config = settled(config)
     key = fingerprint(config, src_lines, tgt_lines)
     meta_path = directory / "meta.json"
-    if meta_path.is_file():
-        try:
-            cached = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            cached = {}
-        if cached.get("fingerprint") == key:
-            return Tokenizers.load(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Train into a temporary folder and move into place, so an interrupted training never
-    # leaves a half-written model beside a meta.json that vouches for it.
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        names = ["joint"] if config.joint else ["src", "tgt"]
-        texts = [src_lines + tgt_lines] if config.joint else [src_lines, tgt_lines]
-        for name, lines in zip(names, texts):
-            _train_model(lines, Path(tmp) / name, config, seed)
-        for name in names:
-            os.replace(Path(tmp) / f"{name}.model", directory / f"{name}.model")
-            os.replace(Path(tmp) / f"{name}.vocab", directory / f"{name}.vocab")
+    if _saved_fingerprint(meta_path) == key:
+        return Tokenizers.load(directory)
+    names = ["joint"] if config.joint else ["src", "tgt"]
+    texts = [src_lines + tgt_lines] if config.joint else [src_lines, tgt_lines]
+    models = {name: _train_model(lines, config, seed) for name, lines in zip(names, texts)}
+    # meta.json vouches for the models beside it: it goes first and comes back last, so an
+    # interrupted or failed write never leaves it vouching for other models. Each file is
+    # written atomically, so none is ever a truncated model.
+    with writing(meta_path):
+        meta_path.unlink(missing_ok=True)
+    for name, model in models.items():
+        atomic_write_bytes(directory / f"{name}.model", model)
+        atomic_write_text(directory / f"{name}.vocab", _vocab_listing(model))
     meta = {"fingerprint": key, "joint": config.joint, "config": asdict(config),
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}}
-    meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return Tokenizers.load(directory)
+
+
+def saved_tokenizers(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[str],
+                     directory: str | Path) -> Tokenizers:
+    """The tokenizers saved in `directory`, checked against this config and training text but
+    never retrained (a resumed run's weights belong to them): a mismatch raises TinytError."""
+    directory = Path(directory)
+    tokenizers = Tokenizers.load(directory)
+    if tokenizers.fingerprint != fingerprint(config, src_lines, tgt_lines):
+        raise TinytError(f"the training data (or tokenizer settings) changed since {directory} "
+                         "was trained, so this run cannot continue on it; restore the original "
+                         "data, or start a new run (--run-dir, or --overwrite)")
+    return tokenizers

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
                               save_checkpoint, validation_checkpoint_name)
 from tinyt.config import Config, save_config
-from tinyt.data import (Batch, TokenizedText, collate, load_split, make_batches, open_corpus,
-                        stream_corpus, tokenize, tokenize_corpus, trainable_indices)
+from tinyt.data import (Batch, TokenizedText, collate, make_batches, open_training_data,
+                        tokenize, tokenize_corpus, trainable_indices)
 from tinyt.distributed import World
 from tinyt import distributed
 from tinyt.errors import TinytError
@@ -35,8 +35,10 @@ from tinyt.evaluation import evaluate_split, perplexity, score_translations, tea
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
                             set_threads)
 from tinyt.model import Transformer
-from tinyt.tokenizer import PAD_ID, Tokenizers, train_or_load
+from tinyt.rundir import RunDirLock, remove_stale_temporaries, trained_artefacts
+from tinyt.tokenizer import PAD_ID, Tokenizers, saved_tokenizers, train_or_load
 from tinyt.translation import Translator
+from tinyt.writing import append_text, atomic_write_text
 
 
 @dataclass
@@ -349,7 +351,8 @@ class Trainer:
                                     self.device, tc.amp)
             hyps = self.tokenizers.decode_tgt(
                 translator.translate_ids(self.valid_src_ids, beam_size=1))
-            result["valid_bleu"] = score_translations(hyps, self.valid_refs)["bleu"]
+            result["valid_bleu"] = score_translations(
+                hyps, self.valid_refs, self.config.decoding.bleu_tokenize)["bleu"]
             self.model.train()
         return result
 
@@ -366,7 +369,11 @@ class Trainer:
         start = time.monotonic()
         self._trained_tokens, self._validation_seconds = 0, 0.0
         deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
-        stop_reason = None
+        # A resumed run that had already reached a limit (killed during its final evaluation,
+        # say) trains no further: not one step past it, no checkpoint rewritten.
+        stop_reason = self.limit_reached()
+        if stop_reason is not None:
+            stop_reason = f"already finished ({stop_reason}); nothing more to train"
         # Loss of the steps since the last progress-bar update, kept on the device.
         pending_loss, pending_tokens = torch.zeros((), device=self.device), 0
         log_time = time.monotonic()
@@ -452,6 +459,11 @@ class Trainer:
                         flush_pending()
                         stop_reason = self._validate_and_save(start, stop_reason, bar) or stop_reason
                         log_time = time.monotonic()
+                        # The clock may run out during a validation: stop at this step then,
+                        # not validate again one step later (two near-identical checkpoints).
+                        if stop_reason is None and distributed.any_rank(
+                                world, [time.monotonic() >= deadline], self.device)[0]:
+                            stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
                     elif interrupted or (
                             tc.checkpoint_every and p.step % tc.checkpoint_every == 0):
                         flush_pending()
@@ -473,6 +485,18 @@ class Trainer:
                 # Target tokens per second of training steps (all ranks), validation excluded.
                 "tokens_per_s": self._trained_tokens / max(
                     time.monotonic() - start - self._validation_seconds, 1e-9)}
+
+    def limit_reached(self) -> str | None:
+        """Which of the run's limits its progress has reached (steps, epochs, early
+        stopping), if any; the clock is not one of them: a resume gets a new time budget."""
+        tc, p = self.config.train, self.progress
+        if tc.max_steps and p.step >= tc.max_steps:
+            return f"reached train.max_steps={tc.max_steps}"
+        if p.epoch >= tc.max_epochs:
+            return f"reached train.max_epochs={tc.max_epochs}"
+        if tc.early_stopping and p.validations_since_best >= tc.early_stopping:
+            return f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
+        return None
 
     def _epoch_batches(self, epoch: int) -> tuple[Iterator[Any], int | None]:
         """The epoch's batches in training order, the same on every rank, and their number
@@ -533,8 +557,8 @@ class Trainer:
         if p.nonfinite_steps:
             record["nonfinite_steps"] = p.nonfinite_steps
         if self.world.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.run_dir / "metrics.jsonl", json.dumps(record) + "\n",
+                        then=f"resume with: tinyt train --resume {self.run_dir}")
             bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
             message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
                        f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
@@ -552,38 +576,79 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # tinyt writes ASCII JSON: this is damage, not a kill
+            raise TinytError(f"{path} line {number} is not UTF-8 text (the file is damaged); "
+                             "delete that line, then resume") from None
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def prepare_run_dir(config: Config, overwrite: bool, resume: bool) -> Path:
+# What a resumed run may not change: the model's shape, the vocabulary and which pairs it trains
+# on. Limits, schedule, decoding and where the data lives (data.dir) may change with --set.
+_DATA_KEYS_FREE_ON_RESUME = ("dir", "num_proc", "stream_buffer")
+
+
+def _changed_on_resume(saved: dict[str, Any], config: Config) -> list[str]:
+    """Keys of `config` that differ from the checkpoint's config in what a resume must keep.
+    A key the checkpoint's config lacks came with a later tinyt: the run used its default."""
+    now = config.to_dict()
+    changed = []
+    for section in ("model", "tokenizer", "data"):
+        before = saved.get(section, {})
+        for key in sorted(set(now[section]) & set(before)):
+            if section == "data" and key in _DATA_KEYS_FREE_ON_RESUME:
+                continue
+            if now[section][key] != before[key]:
+                changed.append(f"{section}.{key}")
+    return changed
+
+
+def check_resumable(config: Config) -> dict[str, Any]:
+    """Everything a resume needs, checked before anything is written: last.pt loads, the
+    config keeps the model, vocabulary and data it was trained with, and the tokenizer that
+    wrote the checkpoint is still there. Returns last.pt's payload."""
     run_dir = Path(config.run_dir)
-    has_state = (run_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise TinytError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-        return run_dir
-    if has_state and not overwrite:
-        raise TinytError(f"run directory {run_dir} already holds a trained run; pass --resume to "
-                         "continue it, --overwrite to start over, or --run-dir for a new one")
-    if has_state and overwrite:
-        for name in ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl", "evaluations.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-        for old in run_dir.glob("ckpt-*.pt"):
-            old.unlink()
-        shutil.rmtree(run_dir / "translations", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise TinytError(f"cannot resume: {last} does not exist (a run saves it at its first "
+                         "validation or train.checkpoint_every); start over with --overwrite")
+    payload = load_checkpoint(last)
+    changed = _changed_on_resume(payload.get("config", {}), config)
+    if changed:
+        raise TinytError(f"cannot resume {run_dir} with {', '.join(changed)} changed: last.pt was "
+                         "trained with other values; resume without changing them, or start a "
+                         "new run (--run-dir, or --overwrite)")
+    tokenizers = Tokenizers.load(run_dir / "tokenizer")
+    if payload.get("tokenizer_fingerprint") != tokenizers.fingerprint:
+        raise TinytError(f"{last} was trained with another vocabulary than {run_dir / 'tokenizer'};"
+                         " restore the run's original tokenizer/ folder, or start over")
+    return payload
+
+
+def _clear_trained_state(run_dir: Path) -> None:
+    """--overwrite: remove the old run's results (the tokenizer is kept, and reused when the
+    new config and data would train the same one)."""
+    for name in ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl", "evaluations.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    for old in run_dir.glob("ckpt-*.pt"):
+        old.unlink()
+    shutil.rmtree(run_dir / "translations", ignore_errors=True)
 
 
 def train(config: Config, overwrite: bool = False, resume: bool = False,
           progress_bars: bool = True) -> dict[str, Any]:
     """Train a model as `config` says, writing everything into `config.run_dir`.
+
+    The run directory has one writer at a time (tinyt.rundir): rank 0 holds its lock for the
+    whole run. Nothing in it changes until the run directory, the data and (on resume) the
+    checkpoint and config have all been checked: a refused or failed start leaves it as it was.
 
     Under torchrun every process calls this; see tinyt.distributed. Rank 0 alone prepares the
     run directory, trains the tokenizer, caches token ids, writes files and runs the final
@@ -595,35 +660,63 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     distributed.start(world, resolve_device(tc.device))
+    lock = RunDirLock(config.run_dir, "tinyt train --resume" if resume else "tinyt train")
     try:
-        return _train(config, overwrite, resume, progress_bars, world)
+        distributed.main_first(world, lock.__enter__, then=lambda: lock)
+        return _train(config, overwrite, resume, progress_bars, world, lock)
     finally:
+        lock.__exit__(None, None, None)
         distributed.stop(world)
 
 
 def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
-           world: World) -> dict[str, Any]:
+           world: World, lock: RunDirLock) -> dict[str, Any]:
     tc, dc = config.train, config.data
     run_dir = Path(config.run_dir)
     cache = run_dir / "cache"
-    distributed.main_first(world, lambda: prepare_run_dir(config, overwrite, resume),
-                           then=lambda: run_dir)
+
+    # Check everything before anything is written, so a refused start changes nothing.
+    def check_run_dir():
+        remove_stale_temporaries(run_dir)
+        if resume:
+            check_resumable(config)
+            return
+        held = trained_artefacts(run_dir)
+        if held and not overwrite:
+            raise TinytError(f"run directory {run_dir} already holds a run ({', '.join(held[:4])}"
+                             f"{', …' if len(held) > 4 else ''}); pass --resume to continue it, "
+                             "--overwrite to start over, or --run-dir for a new one")
 
     # Open every split before anything else, so a data problem costs no training time. The
     # training split stays on disk (memory-mapped Arrow) or, streaming, is read as needed.
     def open_data():
-        valid = load_split(dc, "valid")  # small, and quick to fail on a missing file
-        corpus = stream_corpus(dc, "train") if dc.streaming else open_corpus(dc, "train", cache)
+        # Duplicates dropped, valid/test held out (data.holdout) and written to run_dir/data/.
+        corpus, valid = open_training_data(dc, run_dir, resume,
+                                           report=print if world.is_main else None)
         if (not dc.streaming and len(corpus) == 0) or len(valid) == 0:
             raise TinytError(f"empty split: {valid.name if len(valid) == 0 else corpus.name}")
         return corpus, valid
 
-    train_corpus, valid_text = distributed.main_first(world, open_data)
+    def check_and_open():  # rank 0; the others open the data once it has
+        check_run_dir()
+        return open_data()
+
+    try:
+        train_corpus, valid_text = distributed.main_first(world, check_and_open, then=open_data)
+    except TinytError:
+        if world.is_main and not resume:
+            lock.discard()  # a first start that failed leaves no empty run directory behind
+        raise
 
     def prepare_tokens():
-        save_config(config, run_dir / "config.yaml")
         src, tgt = train_corpus.sample(config.tokenizer.max_sentences, tc.seed)
-        tokenizers = train_or_load(config.tokenizer, src, tgt, run_dir / "tokenizer", tc.seed)
+        if resume:  # never retrained: the checkpoint's weights belong to this vocabulary
+            tokenizers = saved_tokenizers(config.tokenizer, src, tgt, run_dir / "tokenizer")
+        else:
+            if overwrite:
+                _clear_trained_state(run_dir)
+            tokenizers = train_or_load(config.tokenizer, src, tgt, run_dir / "tokenizer", tc.seed)
+        save_config(config, run_dir / "config.yaml")
         del src, tgt
         return tokenizers, *tokenize_data(tokenizers)
 
@@ -656,8 +749,7 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
 
 
 def _has_test_split(config: Config) -> bool:
-    names = config.data.files if config.data.dir is not None else config.data.hub_splits
-    return "test" in names
+    return config.data.has_split("test")  # named in files/hub_splits, or held out
 
 
 def _final_evaluation(trainer: Trainer, progress_bars: bool) -> dict[str, Any] | str:

@@ -11,12 +11,15 @@ from tqdm import tqdm
 
 from tinyt.bundle import load_bundle, load_for_inference
 from tinyt.checkpoint import load_trained
-from tinyt.config import DecodingConfig
+from tinyt.config import MAX_BEAM_SIZE, DecodingConfig
 from tinyt.errors import TinytError
 from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
 from tinyt.search import beam_search, max_output_lengths
 from tinyt.tokenizer import EOS_ID, PAD_ID, Tokenizers
+
+# Scores (hypotheses x vocabulary) one decoding batch may hold at a step: 128 MiB of float32.
+MAX_DECODE_SCORES = 2**25
 
 
 class Translator:
@@ -96,8 +99,9 @@ class Translator:
         the model's positions allow is cut to fit, with a warning on stderr.
         """
         beam = self.decoding.beam_size if beam_size is None else beam_size
-        if beam < 1:
-            raise TinytError(f"beam size {beam} is impossible; use 1 (greedy) or more")
+        if not 1 <= beam <= MAX_BEAM_SIZE:
+            raise TinytError(f"beam size {beam} is impossible; use 1 (greedy) to "
+                             f"{MAX_BEAM_SIZE}")
         penalty = self.decoding.length_penalty if length_penalty is None else length_penalty
         max_positions = self.model.config.max_positions
         too_long = sum(len(ids) + 1 > max_positions for ids in src_ids)
@@ -107,7 +111,10 @@ class Translator:
         src_ids = [ids[: max_positions - 1] for ids in src_ids]
         order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
         results: list[list[int]] = [[] for _ in src_ids]
-        size = self.decoding.batch_size
+        # Beam search scores beam x vocabulary continuations of every sentence at each step:
+        # a large beam decodes fewer sentences together, so memory stays bounded.
+        vocab = self.tokenizers.tgt_vocab_size
+        size = max(1, min(self.decoding.batch_size, MAX_DECODE_SCORES // (beam * vocab)))
         bar = tqdm(total=len(order), desc=f"decoding (beam {beam})", unit="sent", leave=False,
                    disable=not progress, dynamic_ncols=True)
         for start in range(0, len(order), size):
