@@ -288,3 +288,21 @@ def test_time_budget_running_out_during_a_validation_stops_at_that_step(
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [5]
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == ["ckpt-5.pt"]
+
+
+def test_resume_checks_only_what_the_checkpoint_config_had(tiny_config_dict):
+    """A run saved before a data/model key existed resumed with that key at its default; a
+    changed model or data key, and only such a key, blocks a resume."""
+    config = config_from_dict(tiny_config_dict)
+    saved = config.to_dict()
+    assert training_module._changed_on_resume(saved, config) == []
+    older = {section: dict(values) if isinstance(values, dict) else values
+             for section, values in saved.items()}
+    del older["data"]["holdout"], older["data"]["columns"], older["model"]["max_positions"]
+    assert training_module._changed_on_resume(older, config) == []
+    saved["train"]["lr"] = 1.0
+    saved["data"]["dir"] = "/elsewhere"
+    assert training_module._changed_on_resume(saved, config) == []
+    saved["data"]["max_len"] = 3
+    saved["model"]["n_heads"] = 1
+    assert training_module._changed_on_resume(saved, config) == ["model.n_heads", "data.max_len"]

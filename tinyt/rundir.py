@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from tinyt.errors import TinytError
+from tinyt.writing import write_error
 
 LOCK_NAME = ".tinyt.lock"
 # Files and folders that only training, evaluation or averaging produce: any one of them means
@@ -108,13 +109,13 @@ class RunDirLock:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise _cannot_write(run_dir, exc) from None
+                raise write_error(exc, run_dir, then="start again") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise _cannot_write(run_dir, exc) from None
+                    raise write_error(exc, run_dir, then="start again") from None
                 raise TinytError(f"run directory {run_dir} is in use by {_holder(lock_path)}; "
                                  "wait for it to finish (or stop it), or use another --run-dir"
                                  ) from None
@@ -152,18 +153,3 @@ class RunDirLock:
         a refused or failed first command leaves the file system as it was."""
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def _cannot_write(run_dir: Path, exc: OSError) -> TinytError:
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return TinytError(f"no permission to write in {run_dir}; pick a run directory you can "
-                          "write to (--run-dir), or change its permissions")
-    if exc.errno == errno.EROFS:
-        return TinytError(f"{run_dir} is on a read-only file system; pick another --run-dir")
-    if exc.errno == errno.ENOSPC:
-        return TinytError(f"no space left on the device holding {run_dir}; free space there or "
-                          "pick another --run-dir")
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return TinytError(f"cannot make run directory {run_dir}: a part of its path is a file; "
-                          "pick another --run-dir")
-    return TinytError(f"cannot use run directory {run_dir}: {exc.strerror or exc}")
