@@ -150,6 +150,14 @@ def rendezvous_timeout(environ: dict[str, str] | None = None) -> float:
     return seconds
 
 
+def wait_for_all(world: World) -> None:
+    """Return once every rank has got here. Called before the group is taken down after a
+    run: a rank that tears down its connections while another still uses them can abort the
+    other (gloo aborts a process whose peer closed a connection it was reading)."""
+    if world.launched:
+        dist.barrier()
+
+
 def stop(world: World) -> None:
     """Leave the process group (after the last collective call)."""
     if world.launched and dist.is_initialized():

@@ -663,7 +663,9 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     lock = RunDirLock(config.run_dir, "tinyt train --resume" if resume else "tinyt train")
     try:
         distributed.main_first(world, lock.__enter__, then=lambda: lock)
-        return _train(config, overwrite, resume, progress_bars, world, lock)
+        summary = _train(config, overwrite, resume, progress_bars, world, lock)
+        distributed.wait_for_all(world)
+        return summary
     finally:
         lock.__exit__(None, None, None)
         distributed.stop(world)
