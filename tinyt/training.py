@@ -35,7 +35,8 @@ from tinyt.evaluation import evaluate_split, perplexity, score_translations, tea
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
                             set_threads)
 from tinyt.model import Transformer
-from tinyt.rundir import RunDirLock, remove_stale_temporaries, trained_artefacts
+from tinyt.rundir import (TRAINED_FILES, RunDirLock, remove_stale_temporaries,
+                          trained_artefacts)
 from tinyt.tokenizer import PAD_ID, Tokenizers, saved_tokenizers, train_or_load
 from tinyt.translation import Translator
 from tinyt.writing import append_text, atomic_write_text
@@ -635,7 +636,7 @@ def check_resumable(config: Config) -> dict[str, Any]:
 def _clear_trained_state(run_dir: Path) -> None:
     """--overwrite: remove the old run's results (the tokenizer is kept, and reused when the
     new config and data would train the same one)."""
-    for name in ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl", "evaluations.jsonl"):
+    for name in TRAINED_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for old in run_dir.glob("ckpt-*.pt"):
         old.unlink()
