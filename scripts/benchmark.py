@@ -12,6 +12,9 @@ given (a trained model stops at realistic lengths); without one, it uses the bri
 benchmark model, whose hypotheses mostly run to the length limit (a pessimistic number).
 Memory: peak resident set size of the process; on CUDA also peak GPU memory and the achieved
 TFLOP/s of training, counted from the model's shapes (padded positions included).
+Engines (with --run, when CTranslate2 is installed): the run's best.pt decoded over the whole
+test split by tinyt's own search and by its CTranslate2 exports (float32 and int8), greedy and
+beam 5, each engine in a fresh process: sentences/s, test BLEU and peak resident memory.
 """
 
 from __future__ import annotations
@@ -120,6 +123,72 @@ def bench_decoding(translator: Translator, sentences: list[str], beam: int, labe
             f"{label}_mean_output_tokens": round(generated / len(sentences), 1)}
 
 
+def bench_engine(engine: str, model_path: str, sources: list[str], references: list[str],
+                 num_threads: int, device: str) -> dict:
+    """Greedy and beam-5 speed and test BLEU of one decoding engine over the whole test set,
+    and the peak resident memory of the process doing it. Run in a fresh process (see
+    `compare_engines`) so the peak memory is the engine's own.
+
+    engine: "tinyt" (tinyt's PyTorch search over `model_path`, a run directory) or
+    "ctranslate2" (`model_path`: a folder made by tinyt export --format ctranslate2).
+    """
+    set_threads(num_threads)
+    translator = Translator.load(model_path, device=device)
+    src_ids = translator.tokenizers.encode_src(sources)
+    result: dict = {"engine": engine}
+    for beam in (1, 5):
+        label = "greedy" if beam == 1 else "beam5"
+        translator.translate_ids(src_ids[:64], beam_size=beam)  # warm-up
+        start = time.perf_counter()
+        out = translator.translate_ids(src_ids, beam_size=beam)
+        seconds = time.perf_counter() - start
+        hyps = translator.tokenizers.decode_tgt(out)
+        result[f"{label}_seconds"] = round(seconds, 2)
+        result[f"{label}_sentences_per_s"] = round(len(sources) / seconds, 1)
+        result[f"{label}_bleu"] = score_translations(
+            hyps, references, translator.decoding.bleu_tokenize)["bleu"]
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def _engine_worker(queue, *args) -> None:
+    try:
+        queue.put(bench_engine(*args))
+    except Exception as exc:  # reported by the parent, which goes on with the other engines
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def compare_engines(run: str, sources: list[str], references: list[str], num_threads: int,
+                    device: str) -> list[dict]:
+    """tinyt's own search, CTranslate2 float32 and CTranslate2 int8 on the same trained model
+    (best.pt of `run`) and the same sentences, each in its own process."""
+    import multiprocessing
+    import tempfile
+
+    from tinyt.ctranslate2_model import export_ctranslate2
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tinyt-bench-ct2-") as folder:
+        engines = [("tinyt float32", "tinyt", run)]
+        for quantization in ("float32", "int8"):
+            path = export_ctranslate2(run, Path(folder) / quantization,
+                                      quantization=None if quantization == "float32"
+                                      else quantization)
+            engines.append((f"CTranslate2 {quantization}", "ctranslate2", str(path)))
+        context = multiprocessing.get_context("spawn")
+        for name, engine, path in engines:
+            print(f"decoding the test split with {name} ...", file=sys.stderr)
+            queue = context.Queue()
+            worker = context.Process(target=_engine_worker,
+                                     args=(queue, engine, path, sources, references,
+                                           num_threads, device))
+            worker.start()
+            result = queue.get()
+            worker.join()
+            results.append({**result, "engine": name})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/multi30k_de_en.yaml")
@@ -135,6 +204,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-engines", action="store_true",
+                        help="skip the tinyt vs CTranslate2 decoding comparison (needs --run)")
     args = parser.parse_args()
 
     config = load_config(args.config, check_paths=False)
@@ -201,6 +272,17 @@ def main() -> None:
     results["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if trainer.device.type == "cuda":
         results["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    engines = []
+    if args.run and not args.no_engines:
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            print("CTranslate2 is not installed: no engine comparison (pip install "
+                  "'tinyt[ctranslate2]')", file=sys.stderr)
+        else:
+            engines = compare_engines(args.run, test_text.src, test_text.tgt,
+                                      config.train.num_threads, str(trainer.device))
+            results["engines"] = engines
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
     print(json.dumps(results, indent=2))
@@ -225,6 +307,28 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if engines:
+        print_engine_table(engines, len(test_text))
+
+
+def print_engine_table(engines: list[dict], sentences: int) -> None:
+    """One row per decoding engine; speed-ups are against tinyt's own search (the first)."""
+    print(f"\ndecoding the test set ({sentences:,} sentences), same model, same process "
+          "limits:")
+    header = ("engine", "greedy sent/s", "beam-5 sent/s", "beam-5 speed-up", "BLEU greedy",
+              "BLEU beam-5", "peak RSS MiB")
+    rows = []
+    base = engines[0].get("beam5_sentences_per_s")
+    for e in engines:
+        if "error" in e:
+            rows.append((e["engine"], f"failed: {e['error']}", "", "", "", "", ""))
+            continue
+        speedup = f"{e['beam5_sentences_per_s'] / base:.2f}x" if base else "-"
+        rows.append((e["engine"], e["greedy_sentences_per_s"], e["beam5_sentences_per_s"],
+                     speedup, e["greedy_bleu"], e["beam5_bleu"], e["peak_rss_mib"]))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ Python API, on one tiny run trained once for the whole module."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tinyt.bundle import (export_bundle, format_run_info, load_bundle, load_for_inference,
                           run_info)
@@ -60,6 +63,81 @@ def bundle(run_dir, tmp_path_factory) -> Path:
 def run_copy(run_dir, tmp_path) -> Path:
     """A copy of the module's run that a test may change or delete."""
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+# -- reading and writing bundles by hand ----------------------------------------------------
+
+def bundle_metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def spec_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """A version 3 bundle's checksum as tinyt.bundle documents it, written independently: per
+    tensor in name order the JSON line [name, dtype, shape] and its bytes, then per metadata
+    entry but the checksum, in key order, the JSON line [key, value]."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        h.update((json.dumps([name, dtype, list(tensor.shape)]) + "\n").encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(metadata):
+        if key != "checksum":
+            h.update((json.dumps([key, metadata[key]]) + "\n").encode())
+    return h.hexdigest()
+
+
+def rewrite_bundle(bundle: Path, out: Path, tensors: dict[str, torch.Tensor] | None = None,
+                   reseal: bool = False, drop: tuple[str, ...] = (), **changes: str) -> Path:
+    """`bundle` written again to `out` with other `tensors` and metadata `changes`, without the
+    metadata keys in `drop`. The old checksum is kept, as damage would keep it; `reseal`
+    computes a matching one, as a faulty writer would."""
+    tensors = load_file(bundle) if tensors is None else tensors
+    metadata = {**bundle_metadata(bundle), **changes}
+    metadata = {key: value for key, value in metadata.items() if key not in drop}
+    if reseal:
+        metadata["checksum"] = spec_checksum(tensors, metadata)
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def write_old_bundle(run_dir: Path, path: Path, version: int) -> Path:
+    """A bundle in the layout tinyt wrote before version 3: one dict through torch.save, its
+    checksum over weights, vocabularies, config and (version 2) every other entry."""
+    config, tokenizers, model, payload = load_trained(run_dir)
+    weights = model.state_dict()  # both names of the tied embedding, as then
+    vocab = tokenizers.src.serialized_model_proto()
+    models = {"joint": torch.frombuffer(bytearray(vocab), dtype=torch.uint8).clone()}
+    bundle = {"format": "tinyt-bundle", "bundle_version": version, "tinyt_version": "0.1.0",
+              "model": weights, "config": config.to_dict(),
+              "tokenizer": {"joint": True, "models": models},
+              "tokenizer_fingerprint": tokenizers.fingerprint,
+              "progress": dict(payload["progress"]),
+              "source": {"run_dir": str(run_dir), "checkpoint": "best.pt", "averaged_steps": []},
+              "metrics": run_info(run_dir)["validation"]}
+    h = hashlib.sha256()
+    for group in (weights, models):
+        for name in sorted(group):
+            tensor = group[name].contiguous()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(bundle["config"], sort_keys=True).encode())
+    if version >= 2:
+        metadata = {k: v for k, v in bundle.items() if k not in ("model", "config", "tokenizer")}
+        metadata["tokenizer"] = {"joint": True}
+        h.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    bundle["checksum"] = h.hexdigest()
+    torch.save(bundle, path)
+    return path
+
+
+def assert_damaged(path: Path) -> None:
+    """Loading `path` fails with the one-line message that says to export again."""
+    with pytest.raises(TinytError, match="is damaged") as info:
+        load_bundle(path)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("export the bundle again"), message
 
 
 # -- validation checkpoints -----------------------------------------------------------------
@@ -179,10 +257,35 @@ def test_bundle_holds_the_run_config_tokenizers_and_weights(run_dir, bundle):
     assert not model.training
 
 
-def test_bundle_loads_with_weights_only(bundle):
-    raw = torch.load(bundle, map_location="cpu", weights_only=True)
-    assert raw["format"] == "tinyt-bundle" and raw["bundle_version"] == 2
-    assert raw["tokenizer"]["models"]["joint"].dtype == torch.uint8
+def test_a_bundle_is_a_safetensors_file_with_a_tied_embedding_stored_once(
+        run_dir, bundle, sentences):
+    tensors = load_file(bundle)  # as any safetensors reader sees it
+    metadata = bundle_metadata(bundle)
+    assert metadata["format"] == "tinyt-bundle" and metadata["bundle_version"] == "3"
+    assert tensors["tokenizer.joint"].dtype == torch.uint8
+    _, run_tokenizers, run_model, _ = load_trained(run_dir)
+    assert bytes(tensors["tokenizer.joint"].numpy()) == \
+        run_tokenizers.src.serialized_model_proto()
+    assert json.loads(metadata["tokenizer"]) == {"joint": True,
+                                                 "fingerprint": run_tokenizers.fingerprint}
+    # The tied embedding is stored once, under the name it has first in the state dict.
+    assert "model.src_embed.weight" not in tensors
+    assert json.loads(metadata["aliases"]) == {"model.src_embed.weight":
+                                               "model.tgt_embed.weight"}
+    weights = {name for name in tensors if name.startswith("model.")}
+    assert weights == {f"model.{name}" for name in run_model.state_dict()} - \
+        {"model.src_embed.weight"}
+    assert torch.equal(tensors["model.tgt_embed.weight"], run_model.tgt_embed.weight)
+    # The checksum is the one the module documents, over every tensor and metadata entry.
+    assert metadata["checksum"] == spec_checksum(tensors, metadata)
+
+    _, _, model, payload = load_bundle(bundle)
+    assert model.src_embed is model.tgt_embed  # still tied, not two equal copies
+    assert torch.equal(model.src_embed.weight, run_model.src_embed.weight)
+    assert payload["bundle_version"] == 3 and payload["format"] == "tinyt-bundle"
+    assert payload["tokenizer"]["joint"] and set(payload["tokenizer"]["models"]) == {"joint"}
+    assert Translator.load(bundle, device="cpu").translate(sentences, beam_size=2) == \
+        Translator.from_run(run_dir, device="cpu").translate(sentences, beam_size=2)
 
 
 def test_bundle_works_after_the_run_is_deleted(run_dir, run_copy, sentences, tmp_path):
@@ -201,9 +304,16 @@ def test_separate_vocabularies_round_trip(module_small_corpus, tiny_config_for, 
     raw["model"]["tie_embeddings"] = False
     train(config_from_dict(raw), progress_bars=False)
     path = export_bundle(tmp_path / "run", tmp_path / "separate.tinyt")
-    _, tokenizers, _, payload = load_bundle(path)
+    tensors, metadata = load_file(path), bundle_metadata(path)
+    assert {"tokenizer.src", "tokenizer.tgt", "model.src_embed.weight",
+            "model.tgt_embed.weight", "model.output.weight"} <= set(tensors)
+    assert "tokenizer.joint" not in tensors and json.loads(metadata["aliases"]) == {}
+    _, tokenizers, model, payload = load_bundle(path)
     assert set(payload["tokenizer"]["models"]) == {"src", "tgt"}
     assert tokenizers.src is not tokenizers.tgt
+    assert model.src_embed is not model.tgt_embed
+    assert tokenizers.src.serialized_model_proto() == bytes(tensors["tokenizer.src"].numpy())
+    assert tokenizers.tgt.serialized_model_proto() == bytes(tensors["tokenizer.tgt"].numpy())
     assert Translator.load(path, device="cpu").translate(sentences[:5], beam_size=1) == \
         Translator.load(tmp_path / "run", device="cpu").translate(sentences[:5], beam_size=1)
 
@@ -232,21 +342,159 @@ def test_missing_foreign_truncated_damaged_and_future_bundles_are_clear_errors(
     with pytest.raises(TinytError, match="damaged"):
         load_bundle(truncated)
 
-    raw = torch.load(bundle, weights_only=True)
-    name = next(iter(raw["model"]))
-    raw["model"][name] = raw["model"][name].clone()
-    raw["model"][name].view(-1)[0] += 1.0  # one changed weight: torch.load cannot notice
-    flipped = tmp_path / "flipped.tinyt"
-    torch.save(raw, flipped)
+    tensors = load_file(bundle)
+    tensors["model.tgt_embed.weight"].view(-1)[0] += 1.0  # one changed weight
+    flipped = rewrite_bundle(bundle, tmp_path / "flipped.tinyt", tensors=tensors)
     with pytest.raises(TinytError, match="damaged .*checksum"):
         load_bundle(flipped)
 
-    raw = torch.load(bundle, weights_only=True)
-    raw["bundle_version"] = 99
-    future = tmp_path / "future.tinyt"
-    torch.save(raw, future)
+    future = rewrite_bundle(bundle, tmp_path / "future.tinyt", bundle_version="99")
     with pytest.raises(TinytError, match="newer tinyt .*bundle version 99"):
         load_bundle(future)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.ones(3)}, foreign, metadata={"format": "pt"})
+    with pytest.raises(TinytError, match="not a tinyt model bundle"):
+        load_bundle(foreign)
+
+
+def test_a_flipped_byte_in_a_weight_is_found(bundle, tmp_path):
+    data = bytearray(bundle.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_size])
+    begin, end = header["model.tgt_embed.weight"]["data_offsets"]
+    data[8 + header_size + (begin + end) // 2] ^= 0x10  # one bit of one weight
+    flipped = tmp_path / "flipped.tinyt"
+    flipped.write_bytes(bytes(data))
+    assert load_file(flipped).keys() == load_file(bundle).keys()  # safetensors cannot notice
+    assert_damaged(flipped)
+
+
+def test_a_changed_metadata_value_is_found(bundle, tmp_path):
+    metrics = json.loads(bundle_metadata(bundle)["metrics"])
+    metrics["best_valid_loss"] /= 2  # a better score than the run had, under the old checksum
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "metrics.tinyt",
+                                  metrics=json.dumps(metrics, sort_keys=True)))
+    # One byte of the header itself, its length unchanged: "best.pt" -> "bast.pt".
+    data = bundle.read_bytes()
+    assert data.count(b"best.pt") == 1
+    edited = tmp_path / "source.tinyt"
+    edited.write_bytes(data.replace(b"best.pt", b"bast.pt"))
+    assert_damaged(edited)
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "checksum.tinyt", checksum="0" * 64))
+
+
+@pytest.mark.parametrize("keep", [9, 100, 0.5, -1])
+def test_a_truncated_bundle_is_one_line_damaged(bundle, tmp_path, keep):
+    data = bundle.read_bytes()
+    cut = tmp_path / "cut.tinyt"
+    cut.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(TinytError, match="damaged") as info:
+        load_bundle(cut)
+    assert "\n" not in str(info.value) and "export" in str(info.value)
+
+
+def test_a_header_that_is_not_json_is_damaged(bundle, tmp_path):
+    data = bytearray(bundle.read_bytes())
+    data[9] = ord("!")  # right after the opening brace
+    broken = tmp_path / "broken.tinyt"
+    broken.write_bytes(bytes(data))
+    assert_damaged(broken)
+
+
+def test_a_consistent_but_incomplete_or_misshapen_bundle_is_damaged(bundle, tmp_path):
+    # Checksums that match, as a faulty writer would make them: the loader's own checks hold.
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "no-aliases.tinyt", reseal=True,
+                                  drop=("aliases",)))
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "no-tokenizer.tinyt", reseal=True,
+                                  drop=("tokenizer",)))
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "no-checksum.tinyt", drop=("checksum",)))
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "bad-json.tinyt", reseal=True,
+                                  progress="{step: 1"))
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "old-version.tinyt", reseal=True,
+                                  bundle_version="2"))
+    tensors = load_file(bundle)
+    del tensors["tokenizer.joint"]
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "no-vocab.tinyt", tensors, reseal=True))
+    tensors = load_file(bundle)
+    tensors["model.tgt_embed.weight"] = tensors["model.tgt_embed.weight"][:-1].clone()
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "shape.tinyt", tensors, reseal=True))
+    config = json.loads(bundle_metadata(bundle)["config"])
+    config["model"]["d_ff"] *= 2  # weights no longer fit the config
+    assert_damaged(rewrite_bundle(bundle, tmp_path / "config.tinyt", reseal=True,
+                                  config=json.dumps(config)))
+
+
+def test_a_bundle_from_a_newer_tinyt_is_refused(bundle, tmp_path):
+    future = rewrite_bundle(bundle, tmp_path / "future.tinyt", reseal=True,
+                            bundle_version="4", tinyt_version="9.0.0")
+    with pytest.raises(TinytError, match=r"newer tinyt \(9\.0\.0, bundle version 4\).*"
+                                         r"reads version 3: upgrade tinyt"):
+        load_bundle(future)
+    # The version is read before anything else: a future layout need not match this checksum.
+    future = rewrite_bundle(bundle, tmp_path / "future2.tinyt", bundle_version="4",
+                            drop=("aliases", "checksum"))
+    with pytest.raises(TinytError, match="newer tinyt"):
+        load_bundle(future)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_bundles_of_versions_1_and_2_still_load(run_dir, sentences, tmp_path, version):
+    path = write_old_bundle(run_dir, tmp_path / "old.tinyt", version)
+    assert path.read_bytes()[:2] == b"PK"  # a torch.save zip file
+    config, tokenizers, model, payload = load_bundle(path)
+    assert payload["bundle_version"] == version
+    assert model.src_embed is model.tgt_embed and not model.training
+    run_config, _, _, run_payload = load_trained(run_dir)
+    assert config.to_dict() == run_config.to_dict()
+    assert payload["progress"] == run_payload["progress"]
+    assert Translator.load(path, device="cpu").translate(sentences, beam_size=2) == \
+        Translator.from_run(run_dir, device="cpu").translate(sentences, beam_size=2)
+    assert run_info(path)["validation"] == run_info(run_dir)["validation"]
+
+    raw = torch.load(path, weights_only=True)
+    raw["model"]["tgt_embed.weight"].view(-1)[0] += 1.0
+    torch.save(raw, tmp_path / "changed.tinyt")
+    with pytest.raises(TinytError, match="damaged .*checksum"):
+        load_bundle(tmp_path / "changed.tinyt")
+    if version == 2:  # version 2's checksum covers the metadata too
+        raw = torch.load(path, weights_only=True)
+        raw["progress"]["step"] += 1
+        torch.save(raw, tmp_path / "changed.tinyt")
+        with pytest.raises(TinytError, match="damaged .*checksum"):
+            load_bundle(tmp_path / "changed.tinyt")
+
+
+def test_an_old_layout_claiming_a_newer_version_is_refused(run_dir, tmp_path):
+    path = write_old_bundle(run_dir, tmp_path / "old.tinyt", 2)
+    raw = torch.load(path, weights_only=True)
+    raw["bundle_version"] = 99
+    torch.save(raw, tmp_path / "future.tinyt")
+    with pytest.raises(TinytError, match="newer tinyt .*bundle version 99"):
+        load_bundle(tmp_path / "future.tinyt")
+    raw["bundle_version"] = 3  # version 3 is a safetensors file, never a torch.save one
+    torch.save(raw, tmp_path / "three.tinyt")
+    assert_damaged(tmp_path / "three.tinyt")
+
+
+def test_metadata_is_standard_json_even_for_an_infinite_loss(run_copy, tmp_path):
+    # A checkpoint saved before any validation has best_valid_loss inf.
+    payload = load_checkpoint(run_copy / "last.pt")
+    payload["progress"]["best_valid_loss"] = float("inf")
+    torch.save(payload, run_copy / "early.pt")
+    path = export_bundle(run_copy, tmp_path / "early.tinyt", checkpoint="early.pt")
+
+    def refuse(constant: str):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    metadata = bundle_metadata(path)
+    for key in ("config", "tokenizer", "progress", "source", "metrics", "aliases"):
+        json.loads(metadata[key], parse_constant=refuse)
+    assert json.loads(metadata["progress"])["best_valid_loss"] is None
+    _, _, _, loaded = load_bundle(path)
+    assert loaded["progress"]["best_valid_loss"] is None
+    assert loaded["progress"]["step"] == payload["progress"]["step"]
+    assert loaded["source"]["checkpoint"] == "early.pt"
 
 
 def test_export_refuses_to_replace_a_checkpoint_of_the_run(run_dir, tmp_path):

@@ -21,6 +21,7 @@ _LAZY = {
     "Translator": "tinyt.translation",
     "TinytError": "tinyt.errors",
     "export_bundle": "tinyt.bundle",
+    "export_ctranslate2": "tinyt.ctranslate2_model",
     "load_bundle": "tinyt.bundle",
     "run_info": "tinyt.bundle",
     "average_checkpoints": "tinyt.checkpoint",

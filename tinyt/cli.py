@@ -246,7 +246,8 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     model_file: Optional[Path] = typer.Option(
-        None, "--model", "-m", help="Model bundle (from tinyt export) instead of --run."),
+        None, "--model", "-m",
+        help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run."),
 ) -> None:
     """Loss, perplexity, BLEU and chrF of a trained run on a split.
 
@@ -256,7 +257,7 @@ def evaluate(
     from tinyt.hardware import set_threads
 
     run, config, tokenizers, model, payload = _load_for_command(run, model_file, checkpoint,
-                                                                overrides)
+                                                                overrides, device)
     set_threads(config.train.num_threads)
     if data_dir is not None:
         config.data.dir = data_dir
@@ -275,12 +276,30 @@ def evaluate(
 
 
 def _load_for_command(run: Optional[Path], model_file: Optional[Path], checkpoint: str,
-                      overrides: Optional[List[str]]):
-    """(run, config, tokenizers, model, payload) for evaluate/translate: a bundle (--model) or
-    a run (--run, default the latest), with --set overrides applied to its config."""
+                      overrides: Optional[List[str]], device: str = "auto"):
+    """(run, config, tokenizers, model, payload) for evaluate/translate: a bundle or a
+    CTranslate2 export (--model) or a run (--run, default the latest), with --set overrides
+    applied to its config. For a CTranslate2 export, `model` is its CTranslate2Translator."""
     from tinyt.bundle import load_for_inference
     from tinyt.config import override_config
+    from tinyt.ctranslate2_model import CTranslate2Translator, is_ctranslate2_dir, load_export
 
+    if model_file is not None and model_file.is_dir():
+        if run is not None:
+            raise TinytError("pass either a run directory (--run) or a model (--model), not both")
+        if not is_ctranslate2_dir(model_file):
+            raise TinytError(f"{model_file} is a folder but not a model exported by tinyt (it "
+                             "has no tinyt.json and model.bin); pass a bundle file, a folder "
+                             "made by tinyt export --format ctranslate2, or a run as --run")
+        if checkpoint != "best.pt":
+            raise TinytError(f"--checkpoint {checkpoint} applies to a run directory; "
+                             f"{model_file} holds the one checkpoint it was exported from")
+        config, tokenizers, record = load_export(model_file)
+        config = override_config(config, overrides or [], check_paths=False)
+        translator = CTranslate2Translator(model_file, config, _device(device))
+        payload = {"progress": record.get("progress") or {"step": None},
+                   "source": record.get("source") or {"checkpoint": None}}
+        return None, config, tokenizers, translator, payload
     if model_file is None:
         run = _find_run(run)
     config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
@@ -344,7 +363,8 @@ def translate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     model_file: Optional[Path] = typer.Option(
-        None, "--model", "-m", help="Model bundle (from tinyt export) instead of --run."),
+        None, "--model", "-m",
+        help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run."),
 ) -> None:
     """Translate sentences, one output line per input line.
 
@@ -365,8 +385,11 @@ def translate(
     if output_file is not None and not output_file.exists():
         check_writable_dir(output_file.parent, create=False)  # before translating, not after
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
-    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides)
-    translator = Translator(model, tokenizers, config.decoding, _device(device), config.train.amp)
+    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
+                                                          device)
+    translator = (model if isinstance(model, Translator)  # a CTranslate2 export's
+                  else Translator(model, tokenizers, config.decoding, _device(device),
+                                  config.train.amp))
     if interactive:
         typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)
         stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty)
@@ -493,14 +516,41 @@ def config_show(
 @friendly_errors
 def export(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Bundle file to write, e.g. model.tinyt."),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="Bundle file (e.g. model.tinyt), or folder for --format ctranslate2."),
     checkpoint: str = typer.Option("best.pt", "--checkpoint",
                                    help="Checkpoint of the run to export (e.g. averaged.pt)."),
+    export_format: str = typer.Option(
+        "tinyt", "--format", "-f",
+        help="tinyt: one bundle file; ctranslate2: a CTranslate2 model folder."),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", "-q",
+        help="CTranslate2 weight type: int8, int8_float32, float16, bfloat16, ... "
+             "(default float32)."),
 ) -> None:
-    """Write a trained model, its config and vocabularies into one file.
+    """Write a trained model, its config and vocabularies into one file, or into a
+    CTranslate2 model folder (the inference engine OpenNMT, fairseq and Marian models deploy
+    with; needs pip install 'tinyt[ctranslate2]').
 
     Example: tinyt export --run runs/multi30k_de_en -o model.tinyt
+
+    or: tinyt export --run runs/multi30k_de_en --format ctranslate2 --quantize int8 -o model-ct2
     """
+    if export_format == "ctranslate2":
+        from tinyt.ctranslate2_model import export_ctranslate2
+
+        path = export_ctranslate2(_find_run(run), output, checkpoint, quantize)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        typer.echo(f"wrote {path}/ (CTranslate2, {quantize or 'float32'} weights, "
+                   f"{size / 2**20:.1f} MiB); use it with tinyt translate --model {path}")
+        return
+    if export_format != "tinyt":
+        raise TinytError(f"--format {export_format} is unknown; use tinyt (a bundle file) or "
+                         "ctranslate2 (a CTranslate2 model folder)")
+    if quantize is not None:
+        raise TinytError("--quantize applies to --format ctranslate2; a tinyt bundle keeps the "
+                         "checkpoint's float32 weights")
     from tinyt.bundle import export_bundle
 
     path = export_bundle(_find_run(run), output, checkpoint)
@@ -536,7 +586,8 @@ def average(
 @friendly_errors
 def info(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model bundle file."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                         help="Model bundle file or CTranslate2 folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Summarise a run or a model bundle: size, vocabulary, settings, best scores, files.

@@ -84,11 +84,13 @@ def score_translations(hypotheses: list[str], references: list[str],
     }
 
 
-def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, split: str,
-                   device: torch.device, out_dir: Path, beam_size: int | None = None,
+def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | Translator,
+                   split: str, device: torch.device, out_dir: Path, beam_size: int | None = None,
                    length_penalty: float | None = None, progress: bool = True,
                    checkpoint: str = "best.pt", step: int | None = None) -> dict[str, object]:
-    """Score `model` on a split of the config's corpus, as `tinyt evaluate` does.
+    """Score `model` on a split of the config's corpus, as `tinyt evaluate` does. `model` is
+    a Transformer, or the CTranslate2Translator of an exported folder (which scores and
+    decodes with CTranslate2).
 
     Teacher-forced loss and perplexity, then beam search (beam_size, default the config's),
     BLEU (tokenized by decoding.bleu_tokenize) and chrF. Sources and references are normalised
@@ -103,10 +105,16 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer, s
     text = normalize_text(load_split(config.data, split, run_dir), config.data.normalize)
     if len(text) == 0:
         raise TinytError(f"split {split!r} ({text.name}) is empty")
-    translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
     data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
-    nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens, translator.device,
-                                       translator.amp_dtype, progress=progress)
+    if isinstance(model, Transformer):
+        translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
+        nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens,
+                                           translator.device, translator.amp_dtype,
+                                           progress=progress)
+    else:  # a CTranslate2 export's translator (tinyt.ctranslate2_model) scores and decodes
+        translator = model
+        nll, n_tokens = translator.teacher_forced_nll(data, config.train.batch_tokens,
+                                                      progress=progress)
     beam = beam_size or config.decoding.beam_size
     hyps = translator.translate(text.src, beam_size=beam, length_penalty=length_penalty,
                                 progress=progress)

@@ -19,8 +19,13 @@ from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 def max_output_lengths(src: torch.Tensor, ratio: float, offset: int, cap: int) -> torch.Tensor:
     """(B,) longest output (in tokens, <eos> included) allowed for each source (B, S):
     ratio * source length + offset, at most `cap` (the model's max positions)."""
-    src_len = (src != PAD_ID).sum(dim=1).float()
-    return (torch.ceil(src_len * ratio) + offset).clamp(1, cap).long()
+    return output_length_limits((src != PAD_ID).sum(dim=1), ratio, offset, cap)
+
+
+def output_length_limits(src_len: torch.Tensor, ratio: float, offset: int, cap: int
+                         ) -> torch.Tensor:
+    """`max_output_lengths` from the (B,) source lengths (<eos> included)."""
+    return (torch.ceil(src_len.float() * ratio) + offset).clamp(1, cap).long()
 
 
 @torch.no_grad()

@@ -37,13 +37,22 @@ class Translator:
         self.tokenizers = tokenizers
         self.decoding = decoding
         self.amp_dtype = amp_dtype(amp, self.device)
+        self.max_positions = model.config.max_positions
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"
              ) -> Translator:
-        """A translator from a run directory (using its `checkpoint`) or a bundle file made by
-        `tinyt export` (which holds one checkpoint, so `checkpoint` does not apply)."""
+        """A translator from a run directory (using its `checkpoint`), a bundle file made by
+        `tinyt export` or a CTranslate2 model folder made by `tinyt export --format
+        ctranslate2` (both hold one checkpoint, so `checkpoint` does not apply)."""
+        from tinyt.ctranslate2_model import CTranslate2Translator, is_ctranslate2_dir
+
         path = Path(path)
+        if path.is_dir() and is_ctranslate2_dir(path):
+            if checkpoint != "best.pt":
+                raise TinytError(f"checkpoint={checkpoint!r} applies to a run directory; "
+                                 f"{path} holds the one checkpoint it was exported from")
+            return CTranslate2Translator(path, device=resolve_device(device))
         if path.exists():
             run, bundle = (path, None) if path.is_dir() else (None, path)
             config, tokenizers, model, _ = load_for_inference(run, bundle, checkpoint)
@@ -89,6 +98,26 @@ class Translator:
             result[i] = text
         return result
 
+    def search_settings(self, beam_size: int | None, length_penalty: float | None
+                        ) -> tuple[int, float]:
+        """(beam size, length penalty): the arguments, or the decoding config's where None."""
+        beam = self.decoding.beam_size if beam_size is None else beam_size
+        if not 1 <= beam <= MAX_BEAM_SIZE:
+            raise TinytError(f"beam size {beam} is impossible; use 1 (greedy) to "
+                             f"{MAX_BEAM_SIZE}")
+        penalty = self.decoding.length_penalty if length_penalty is None else length_penalty
+        return beam, penalty
+
+    def fit_to_positions(self, src_ids: list[list[int]]) -> list[list[int]]:
+        """Sources cut to the model's positions (with room for <eos>), with a warning on
+        stderr when any had to be."""
+        max_positions = self.max_positions
+        too_long = sum(len(ids) + 1 > max_positions for ids in src_ids)
+        if too_long:
+            print(f"warning: {too_long} input sentence(s) longer than the model's "
+                  f"{max_positions - 1} tokens were cut to fit", file=sys.stderr)
+        return [ids[: max_positions - 1] for ids in src_ids]
+
     @torch.no_grad()
     def translate_ids(self, src_ids: list[list[int]], beam_size: int | None = None,
                       length_penalty: float | None = None, progress: bool = False
@@ -98,17 +127,9 @@ class Translator:
         Sentences are decoded longest first in batches of similar length; a source longer than
         the model's positions allow is cut to fit, with a warning on stderr.
         """
-        beam = self.decoding.beam_size if beam_size is None else beam_size
-        if not 1 <= beam <= MAX_BEAM_SIZE:
-            raise TinytError(f"beam size {beam} is impossible; use 1 (greedy) to "
-                             f"{MAX_BEAM_SIZE}")
-        penalty = self.decoding.length_penalty if length_penalty is None else length_penalty
+        beam, penalty = self.search_settings(beam_size, length_penalty)
+        src_ids = self.fit_to_positions(src_ids)
         max_positions = self.model.config.max_positions
-        too_long = sum(len(ids) + 1 > max_positions for ids in src_ids)
-        if too_long:
-            print(f"warning: {too_long} input sentence(s) longer than the model's "
-                  f"{max_positions - 1} tokens were cut to fit", file=sys.stderr)
-        src_ids = [ids[: max_positions - 1] for ids in src_ids]
         order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
         results: list[list[int]] = [[] for _ in src_ids]
         # Beam search scores beam x vocabulary continuations of every sentence at each step:

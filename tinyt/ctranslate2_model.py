@@ -1,0 +1,391 @@
+"""tinyt models in CTranslate2's format: export a trained model, and translate or score with it.
+
+CTranslate2 is the inference engine that OpenNMT-py, fairseq and Marian models are deployed
+with (int8 weights, fast CPU kernels). `export_ctranslate2` writes a model directory it loads:
+
+    model.bin, config.json      CTranslate2's own files, written by its converter
+    shared_vocabulary.json      the pieces of a joint vocabulary, in id order (separate ones:
+                                source_vocabulary.json and target_vocabulary.json)
+    tokenizer/                  the run's SentencePiece model(s) and meta.json, as in a run
+    tinyt.json                  the run's resolved config, the checkpoint's progress, the source
+
+The conversion is exact, not approximate. tinyt's layers map one to one onto CTranslate2's
+Transformer: each sublayer's LayerNorm (pre- or post-norm), the fused (3D, D) query/key/value
+projection of self-attention (CTranslate2 fuses it too), cross-attention split into the query
+third and the fused key/value two thirds, the final LayerNorms of a pre-norm stack, √D embedding
+scale, tied or separate embeddings and output projection, <eos> appended to the source. tinyt's
+sinusoidal table (sin on even, cos on odd dimensions, from position 0) is not CTranslate2's
+built-in one, so the table itself is written into the model.
+
+`CTranslate2Translator` decodes with CTranslate2 behind tinyt's `Translator` interface: same
+input handling, order, length limits and detokenization. Greedy search gives exactly tinyt's
+output. Beam search uses the same rules (2K candidates, a sentence ends with K finished
+hypotheses, score / length ** length_penalty with <eos> counted) except at the length limit:
+tinyt forces <eos> one token past it, CTranslate2 takes the best hypotheses as they are; only
+sentences whose search reaches the limit can differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinyt import __version__
+from tinyt.bundle import metrics_summary
+from tinyt.checkpoint import load_trained
+from tinyt.config import Config, ConfigError, DecodingConfig, config_from_dict
+from tinyt.data import TokenizedText
+from tinyt.errors import TinytError
+from tinyt.model import Transformer, sinusoidal_positions
+from tinyt.search import output_length_limits
+from tinyt.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizers
+from tinyt.translation import Translator
+from tinyt.writing import atomic_write_text, write_error
+
+MARKER = "tinyt.json"  # a folder with this file and model.bin is a tinyt CTranslate2 export
+EXPORT_FORMAT = "tinyt-ctranslate2"
+EXPORT_VERSION = 1
+# Weight types CTranslate2's converter writes; None keeps float32.
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                 "bfloat16", "float32")
+LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which tinyt's LayerNorms use
+
+
+def import_ctranslate2():
+    """The ctranslate2 module, or a TinytError saying how to install it."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise TinytError("CTranslate2 is not installed; install it with: pip install "
+                         "'tinyt[ctranslate2]' (or pip install ctranslate2)") from None
+    return ctranslate2
+
+
+def is_ctranslate2_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MARKER).is_file() and (path / "model.bin").is_file()
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().contiguous().numpy()
+
+
+def transformer_spec(model: Transformer, tokenizers: Tokenizers):
+    """CTranslate2's `TransformerSpec` holding `model`'s weights and vocabularies."""
+    import_ctranslate2()
+    from ctranslate2.specs import common_spec
+    from ctranslate2.specs import transformer_spec as ts
+
+    c = model.config
+    activation = (common_spec.Activation.GELU if c.activation == "gelu"  # erf GELU, as nn.GELU
+                  else common_spec.Activation.RELU)
+    spec = ts.TransformerSpec(
+        ts.TransformerEncoderSpec(c.enc_layers, c.n_heads, pre_norm=c.pre_norm,
+                                  activation=activation),
+        ts.TransformerDecoderSpec(c.dec_layers, c.n_heads, pre_norm=c.pre_norm,
+                                  activation=activation))
+    positions = _array(sinusoidal_positions(c.max_positions, c.d_model))  # (max_positions, D)
+    # One array object for tied weights: CTranslate2 then stores it once, as an alias.
+    tgt_embed = _array(model.tgt_embed.weight)
+    src_embed = tgt_embed if model.src_embed is model.tgt_embed else _array(model.src_embed.weight)
+
+    enc, dec = spec.encoder, spec.decoder
+    enc.embeddings[0].weight = src_embed
+    enc.position_encodings.encodings = positions
+    for layer_spec, layer in zip(enc.layer, model.encoder):
+        _self_attention(layer_spec.self_attention, layer.self_attn, layer.res_attn.norm)
+        _feed_forward(layer_spec.ffn, layer.ffn, layer.res_ffn.norm)
+    dec.embeddings.weight = tgt_embed
+    dec.position_encodings.encodings = positions
+    for layer_spec, layer in zip(dec.layer, model.decoder):
+        _self_attention(layer_spec.self_attention, layer.self_attn, layer.res_self.norm)
+        _cross_attention(layer_spec.attention, layer.cross_attn, layer.res_cross.norm)
+        _feed_forward(layer_spec.ffn, layer.ffn, layer.res_ffn.norm)
+    if c.pre_norm:  # post-norm stacks have no final LayerNorm, nor does the spec then
+        _layer_norm(enc.layer_norm, model.enc_norm)
+        _layer_norm(dec.layer_norm, model.dec_norm)
+    dec.projection.weight = tgt_embed if model.output is None else _array(model.output.weight)
+
+    src, tgt = tokenizers.src, tokenizers.tgt
+    spec.register_source_vocabulary([src.id_to_piece(i) for i in range(src.get_piece_size())])
+    spec.register_target_vocabulary([tgt.id_to_piece(i) for i in range(tgt.get_piece_size())])
+    spec.config.unk_token = tgt.id_to_piece(UNK_ID)
+    spec.config.bos_token = tgt.id_to_piece(BOS_ID)
+    spec.config.eos_token = tgt.id_to_piece(EOS_ID)
+    spec.config.decoder_start_token = tgt.id_to_piece(BOS_ID)
+    spec.config.add_source_eos = True  # tinyt's sources end with <eos>
+    spec.config.layer_norm_epsilon = LAYER_NORM_EPSILON
+    return spec
+
+
+def _layer_norm(spec, norm: torch.nn.LayerNorm) -> None:
+    spec.gamma = _array(norm.weight)
+    spec.beta = _array(norm.bias)
+
+
+def _linear(spec, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    spec.weight = _array(weight)
+    if bias is not None:
+        spec.bias = _array(bias)
+
+
+def _self_attention(spec, attn, norm) -> None:
+    # CTranslate2's self-attention takes the fused [query; key; value] (3D, D) projection that
+    # tinyt's in_proj already is.
+    _layer_norm(spec.layer_norm, norm)
+    _linear(spec.linear[0], attn.in_proj.weight, attn.in_proj.bias)
+    _linear(spec.linear[1], attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _cross_attention(spec, attn, norm) -> None:
+    # Cross-attention: the query third (D, D) apart, keys and values fused (2D, D).
+    d = attn.d_model
+    _layer_norm(spec.layer_norm, norm)
+    _linear(spec.linear[0], attn.in_proj.weight[:d], attn.in_proj.bias[:d])
+    _linear(spec.linear[1], attn.in_proj.weight[d:], attn.in_proj.bias[d:])
+    _linear(spec.linear[2], attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _feed_forward(spec, ffn, norm) -> None:
+    _layer_norm(spec.layer_norm, norm)
+    _linear(spec.linear_0, ffn.fc1.weight, ffn.fc1.bias)
+    _linear(spec.linear_1, ffn.fc2.weight, ffn.fc2.bias)
+
+
+def export_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best.pt",
+                       quantization: str | None = None) -> Path:
+    """Write `checkpoint` of the trained run in `run_dir` as a CTranslate2 model directory
+    `out_dir`, weights stored as `quantization` (one of QUANTIZATIONS; None: float32).
+
+    The directory is built beside `out_dir` and moved into place when complete, so a failed
+    export leaves `out_dir` as it was. An existing tinyt export there is replaced; any other
+    non-empty folder is refused.
+    """
+    ctranslate2 = import_ctranslate2()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise TinytError(f"--quantize {quantization} is not a CTranslate2 weight type; use one "
+                         f"of {', '.join(QUANTIZATIONS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TinytError(f"{out_dir} is a file; a CTranslate2 model is a folder: pass a folder "
+                         "path, e.g. model-ct2")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_ctranslate2_dir(out_dir):
+        raise TinytError(f"{out_dir} is a folder with other files in it; choose a new or empty "
+                         "folder for the CTranslate2 model")
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise TinytError(f"{out_dir} is inside the run directory {run_dir}; choose a folder "
+                         "outside it, e.g. model-ct2")
+    config, tokenizers, model, payload = load_trained(run_dir, checkpoint)
+
+    class TinytConverter(ctranslate2.converters.Converter):
+        def _load(self):
+            return transformer_spec(model, tokenizers)
+
+    then = "export again"
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise write_error(exc, out_dir, then) from None
+    try:
+        model_dir = staging / "model"
+        TinytConverter().convert(str(model_dir), quantization=quantization)
+        shutil.copytree(run_dir / "tokenizer", model_dir / "tokenizer",
+                        ignore=shutil.ignore_patterns(".*"))
+        record = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "tinyt_version": __version__,
+                  "quantization": quantization or "float32",
+                  "parameters": model.num_parameters(),
+                  "config": config.to_dict(),
+                  "tokenizer_fingerprint": tokenizers.fingerprint,
+                  "progress": dict(payload.get("progress") or {}),
+                  "metrics": metrics_summary(run_dir / "metrics.jsonl"),
+                  "source": {"run_dir": str(run_dir), "checkpoint": checkpoint,
+                             "averaged_steps": list(payload.get("averaged_steps") or [])}}
+        atomic_write_text(model_dir / MARKER, json.dumps(record, indent=2, default=str) + "\n")
+        _move_into_place(model_dir, out_dir, staging)
+    except OSError as exc:
+        raise write_error(exc, out_dir, then) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _move_into_place(new: Path, out_dir: Path, staging: Path) -> None:
+    """Rename the finished `new` folder to `out_dir`; an old export there is moved into
+    `staging` first (and deleted with it), so `out_dir` is never a half-written model."""
+    if out_dir.is_dir():
+        old = staging / "old"
+        os.rename(out_dir, old)
+        try:
+            os.rename(new, out_dir)
+        except OSError:
+            os.rename(old, out_dir)
+            raise
+    else:
+        os.rename(new, out_dir)
+
+
+# -- loading and decoding -------------------------------------------------------------------
+
+def read_export_record(directory: str | Path) -> dict[str, Any]:
+    """tinyt.json of an exported directory; a missing or damaged one raises TinytError."""
+    path = Path(directory) / MARKER
+    damaged = (f"{path} is missing or damaged, so {directory} is not a usable tinyt CTranslate2 "
+               "model; export it again with tinyt export --format ctranslate2")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise TinytError(damaged) from None
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise TinytError(damaged)
+    version = record.get("version")
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise TinytError(f"{directory} was exported by a newer tinyt "
+                         f"({record.get('tinyt_version')}); upgrade tinyt")
+    return record
+
+
+def load_export(directory: str | Path) -> tuple[Config, Tokenizers, dict[str, Any]]:
+    """(config, tokenizers, tinyt.json record) of an exported directory, checked against each
+    other; the CTranslate2 model itself is loaded by `CTranslate2Translator`."""
+    directory = Path(directory)
+    record = read_export_record(directory)
+    try:
+        config = config_from_dict(record["config"], check_paths=False)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise TinytError(f"{directory / MARKER} holds no usable config ({exc}); export the "
+                         "model again") from None
+    tokenizers = Tokenizers.load(directory / "tokenizer")
+    if tokenizers.fingerprint != record.get("tokenizer_fingerprint"):
+        raise TinytError(f"{directory / 'tokenizer'} is not the vocabulary the model was "
+                         "exported with; export the model again")
+    return config, tokenizers, record
+
+
+def ct2_device(device: torch.device | str) -> str:
+    """CTranslate2's name for a torch device: "cuda" or "cpu"."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+class CTranslate2Translator(Translator):
+    """`Translator` whose model is a CTranslate2 export. For example:
+
+        translator = Translator.load("model-ct2")   # a folder made by tinyt export
+        translator.translate(["Ein Hund läuft."], beam_size=5)
+    """
+
+    def __init__(self, directory: str | Path, config: Config | None = None,
+                 device: torch.device | str = "cpu", compute_type: str = "default"):
+        ctranslate2 = import_ctranslate2()
+        self.directory = Path(directory)
+        saved_config, tokenizers, self.record = load_export(self.directory)
+        config = config or saved_config
+        self.config = config
+        self.device = torch.device(device)
+        self.model = None  # no torch model: CTranslate2 holds the weights
+        self.tokenizers = tokenizers
+        self.decoding = config.decoding
+        self.amp_dtype = None
+        self.max_positions = config.model.max_positions
+        try:
+            self.engine = ctranslate2.Translator(
+                str(self.directory), device=ct2_device(self.device), compute_type=compute_type,
+                intra_threads=torch.get_num_threads())
+        except (RuntimeError, ValueError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise TinytError(f"CTranslate2 cannot load {self.directory} ({reason}); export the "
+                             "model again") from None
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"
+             ) -> CTranslate2Translator:
+        from tinyt.hardware import resolve_device
+
+        return cls(path, device=resolve_device(device))
+
+    def _pieces(self, src_ids: Sequence[list[int]]) -> list[list[str]]:
+        return [self.tokenizers.src.id_to_piece(ids) for ids in src_ids]
+
+    def _ids(self, pieces: list[str]) -> list[int]:
+        return [self.tokenizers.tgt.piece_to_id(piece) for piece in pieces]
+
+    def translate_ids(self, src_ids: list[list[int]], beam_size: int | None = None,
+                      length_penalty: float | None = None, progress: bool = False
+                      ) -> list[list[int]]:
+        """As `Translator.translate_ids`, decoded by CTranslate2.
+
+        tinyt's length limit depends on each source's length, CTranslate2's is one number a
+        call: sentences are decoded in groups of equal limit. A limit of L tokens (with <eos>)
+        allows L - 1 tokens before <eos> in tinyt's search, so CTranslate2 gets L - 1.
+        """
+        beam, penalty = self.search_settings(beam_size, length_penalty)
+        src_ids = self.fit_to_positions(src_ids)
+        lengths = torch.tensor([len(ids) + 1 for ids in src_ids])  # with <eos>, as tinyt counts
+        limits = output_length_limits(lengths, self.decoding.max_len_ratio,
+                                      self.decoding.max_len_offset, self.max_positions - 1)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, limit in enumerate(limits.tolist()):
+            groups[limit].append(i)
+        results: list[list[int]] = [[] for _ in src_ids]
+        eos = self.tokenizers.tgt.id_to_piece(EOS_ID)
+        bar = tqdm(total=len(src_ids), desc=f"decoding (CTranslate2, beam {beam})",
+                   unit="sent", leave=False, disable=not progress, dynamic_ncols=True)
+        for limit, members in sorted(groups.items(), reverse=True):
+            if limit > 1:  # a limit of 1 leaves room for <eos> alone: an empty output
+                outputs = self.engine.translate_batch(
+                    self._pieces([src_ids[i] for i in members]),
+                    max_batch_size=self.decoding.batch_size, beam_size=beam,
+                    length_penalty=penalty, return_end_token=True,
+                    max_decoding_length=limit - 1, min_decoding_length=0, max_input_length=0)
+                for i, output in zip(members, outputs):
+                    pieces = output.hypotheses[0]
+                    if pieces and pieces[-1] == eos:
+                        pieces = pieces[:-1]
+                    results[i] = self._ids(pieces)
+            bar.update(len(members))
+        bar.close()
+        return results
+
+    def token_log_probs(self, src_ids: list[list[int]], tgt_ids: list[list[int]],
+                        batch_size: int = 64) -> list[list[float]]:
+        """Teacher-forced log-probability of each target token and of the final <eos>
+        (len(tgt) + 1 numbers a pair), as CTranslate2 computes them."""
+        if not src_ids:
+            return []
+        outputs = self.engine.score_batch(
+            self._pieces(src_ids), [self.tokenizers.tgt.id_to_piece(ids) for ids in tgt_ids],
+            max_batch_size=batch_size, max_input_length=0)
+        return [list(output.log_probs) for output in outputs]
+
+    def teacher_forced_nll(self, data: TokenizedText, batch_tokens: int,
+                           progress: bool = False) -> tuple[float, int]:
+        """Mean negative log-likelihood per target token (<eos> included) and the number of
+        target tokens, over every pair of `data` that fits the model's positions: the same
+        quantity as tinyt.evaluation.teacher_forced_nll."""
+        limit = self.max_positions
+        fits = ((data.src_lengths + 1 <= limit) & (data.tgt_lengths + 1 <= limit))
+        indices = fits.nonzero().flatten().tolist()
+        total, n_tokens = 0.0, 0
+        chunk = 256
+        for start in tqdm(range(0, len(indices), chunk), desc="scoring (CTranslate2)",
+                          unit="batch", leave=False, disable=not progress, dynamic_ncols=True):
+            part = indices[start: start + chunk]
+            scores = self.token_log_probs([data.src(i).tolist() for i in part],
+                                          [data.tgt(i).tolist() for i in part])
+            for token_scores in scores:
+                total -= sum(token_scores)
+                n_tokens += len(token_scores)
+        return total / max(n_tokens, 1), n_tokens
