@@ -143,13 +143,15 @@ def test_decoding_gives_tinyts_own_output(trained, exported, sentences, beam):
 
 
 def test_text_in_text_out_matches_including_empty_lines(trained, exported, sentences, capfd):
-    lines = [sentences[0], "", "   ", sentences[1], "Zwei Hunde spielen im Schnee. " * 30]
+    lines = [sentences[0], "", "   ", sentences[1], "Zwei Hunde spielen im Schnee. " * 30,
+             "\u200b", "\x01"]  # the last two are no pieces at all to SentencePiece: no input
     ours = Translator.load(trained, device="cpu").translate(lines, beam_size=3)
     theirs = Translator.load(exported, device="cpu").translate(lines, beam_size=3)
-    assert theirs[1] == theirs[2] == ""
+    assert theirs[1] == theirs[2] == theirs[5] == theirs[6] == ""
+    assert ours[5:] == theirs[5:]
     assert ours[:4] == theirs[:4] and theirs[0] and theirs[3]
     # The long line is cut to the model's positions by both, with a warning.
-    assert len(theirs) == 5 and isinstance(theirs[4], str)
+    assert len(theirs) == 7 and theirs[4]
     assert capfd.readouterr().err.count("were cut to fit") == 2
 
 
@@ -249,6 +251,27 @@ def test_a_second_export_replaces_the_first_and_a_foreign_folder_is_refused(trai
     assert result.exit_code != 0 and "other files" in result.output
     assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_two_exports_to_one_folder_at_once_leave_one_whole_export(trained, tmp_path):
+    import threading
+
+    out, errors = tmp_path / "model", []
+
+    def export(quantization):
+        try:
+            export_ctranslate2(trained, out, quantization=quantization)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(q,)) for q in ("int8", None, "int8", None)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert Translator.load(out, device="cpu").translate(["Ein Mann."], beam_size=1)[0]
 
 
 def test_a_failed_export_leaves_the_previous_one_and_no_temporaries(trained, tmp_path,

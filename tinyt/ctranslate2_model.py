@@ -27,6 +27,7 @@ sentences whose search reaches the limit can differ.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -225,17 +226,22 @@ def export_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str
 
 def _move_into_place(new: Path, out_dir: Path, staging: Path) -> None:
     """Rename the finished `new` folder to `out_dir`; an old export there is moved into
-    `staging` first (and deleted with it), so `out_dir` is never a half-written model."""
-    if out_dir.is_dir():
-        old = staging / "old"
-        os.rename(out_dir, old)
+    `staging` first (and deleted with it), so `out_dir` is never a half-written model. Of two
+    exports to one folder at once, the one that finishes last is kept, whole."""
+    if not out_dir.is_dir():
         try:
             os.rename(new, out_dir)
-        except OSError:
-            os.rename(old, out_dir)
-            raise
-    else:
+            return
+        except OSError as exc:  # another export put its folder there meanwhile
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not out_dir.is_dir():
+                raise
+    old = staging / "old"
+    os.rename(out_dir, old)
+    try:
         os.rename(new, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
 
 
 # -- loading and decoding -------------------------------------------------------------------
@@ -306,8 +312,9 @@ class CTranslate2Translator(Translator):
                 intra_threads=torch.get_num_threads())
         except (RuntimeError, ValueError, OSError) as exc:
             reason = " ".join(str(exc).split())[:200]
-            raise TinytError(f"CTranslate2 cannot load {self.directory} ({reason}); export the "
-                             "model again") from None
+            raise TinytError(f"CTranslate2 cannot load {self.directory} on {self.device.type} "
+                             f"({reason}); export the model again, or use --device cpu"
+                             ) from None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"

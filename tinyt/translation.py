@@ -76,7 +76,8 @@ class Translator:
                   length_penalty: float | None = None, progress: bool = False, *,
                   beam: int | None = None) -> str | list[str]:
         """Translate `sentences`; the output has one line per input, in input order.
-        Empty or whitespace-only inputs give empty outputs without running the model.
+        Empty or whitespace-only inputs, and inputs the vocabulary reads as no pieces at all,
+        give empty outputs without running the model.
 
         A single string gives a single string (rather than translating it character by
         character). `beam` is another name for `beam_size`; None uses the decoding config's.
@@ -91,6 +92,9 @@ class Translator:
         sentences = list(sentences)
         real = [i for i, s in enumerate(sentences) if s.strip()]
         src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
+        # Text the vocabulary reads as nothing (control characters, zero-width spaces) has
+        # nothing to translate either.
+        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
         out_ids = self.translate_ids(src_ids, beam_size, length_penalty, progress)
         texts = self.tokenizers.decode_tgt(out_ids) if out_ids else []
         result = [""] * len(sentences)
