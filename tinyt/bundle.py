@@ -49,8 +49,8 @@ import torch
 from safetensors import safe_open
 
 from tinyt import __version__
-from tinyt.checkpoint import (_shared_tensor_names, build_model, load_run_config,
-                              load_tensors_safely, load_trained, validation_checkpoints)
+from tinyt.checkpoint import (build_model, load_run_config, load_tensors_safely, load_trained,
+                              shared_tensor_names, validation_checkpoints)
 from tinyt.config import Config, ConfigError, config_from_dict
 from tinyt.data import read_split_record
 from tinyt.errors import TinytError
@@ -94,7 +94,7 @@ def export_bundle(run_dir: str | Path, out_path: str | Path, checkpoint: str = "
     # that share memory: store it under its first name only and record the others, which
     # loading fills from it (the rebuilt model is tied by its config).
     weights = model.state_dict()
-    aliases = _shared_tensor_names(weights)
+    aliases = shared_tensor_names(weights)
     tensors.update((WEIGHT_PREFIX + name, tensor.detach().cpu().contiguous())
                    for name, tensor in weights.items() if name not in aliases)
     metadata = {

@@ -219,7 +219,7 @@ def average_checkpoints(run_dir: str | Path, n: int, out_name: str = "averaged.p
     _, first_path = chosen[0]
     first = load_checkpoint(first_path)
     fingerprint, reference = first.get("tokenizer_fingerprint"), first["model"]
-    aliases = _shared_tensor_names(reference)
+    aliases = shared_tensor_names(reference)
     total = {name: t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
              for name, t in reference.items() if name not in aliases}
     newest = first
@@ -256,7 +256,7 @@ def average_checkpoints(run_dir: str | Path, n: int, out_name: str = "averaged.p
     return out_path
 
 
-def _shared_tensor_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+def shared_tensor_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """`{alias: original}` for entries of a state dict that are the same tensor as an earlier
     entry (tied embeddings appear under two names); averaging them once and sharing the result
     keeps the average the size of the checkpoints it came from."""
