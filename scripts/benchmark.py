@@ -147,8 +147,21 @@ def bench_engine(engine: str, model_path: str, sources: list[str], references: l
         result[f"{label}_sentences_per_s"] = round(len(sources) / seconds, 1)
         result[f"{label}_bleu"] = score_translations(
             hyps, references, translator.decoding.bleu_tokenize)["bleu"]
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss survives
+    exec, so in a child process started by fork + exec (multiprocessing's spawn) it would
+    report the parent's peak when that is higher."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _engine_worker(queue, *args) -> None:
