@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinyt.bundle import run_info  # noqa: E402
+from tinyt.run_summary import run_info  # noqa: E402
 
 
 def rows_for(run: Path) -> list[list[str]]:

@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tinyt.bundle import (export_bundle, format_run_info, load_bundle, load_for_inference,
-                          run_info)
+from tinyt.bundle import export_bundle, load_bundle, load_for_inference
 from tinyt.checkpoint import (average_checkpoints, load_checkpoint, load_trained,
                               prune_validation_checkpoints, validation_checkpoints)
 from tinyt.config import config_from_dict
 from tinyt.errors import TinytError
+from tinyt.run_summary import format_run_info, run_info
 from tinyt.training import train
 from tinyt.translation import Translator
 

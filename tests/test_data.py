@@ -494,7 +494,7 @@ def test_hub_unreachable_is_a_clear_error(hub_offline):
 def test_hub_style_tables_flat_and_nested():
     import datasets
 
-    from tinyt.data import _pairs_from_table
+    from tinyt.data.sources import _pairs_from_table
 
     flat = datasets.Dataset.from_dict({"de": ["Ein Hund.", None], "en": ["A dog.", "Two."]})
     pairs = _pairs_from_table(flat, DataConfig(), "flat")

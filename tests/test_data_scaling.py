@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tinyt.data as data_mod
+import tinyt.data.files as files_mod
+import tinyt.data.hub as hub_mod
+import tinyt.data.token_ids as token_ids_mod
 from tinyt.config import DataConfig, TokenizerConfig
 from tinyt.data import (Corpus, StreamingCorpus, TokenizedText, load_split, make_batches,
                         open_corpus, stream_corpus, tokenize, tokenize_corpus, trainable_indices)
@@ -124,7 +126,7 @@ def test_hub_tables_are_flattened(monkeypatch, tmp_path):
         seen.update(name=name, cache_dir=cache_dir, streaming=streaming)
         return nested
 
-    monkeypatch.setattr(data_mod, "_load_hub_table", fake_hub)
+    monkeypatch.setattr(hub_mod, "_load_hub_table", fake_hub)
     corpus = open_corpus(DataConfig(translation_field="translation"), "valid", tmp_path)
     # the download stays in datasets' shared cache, not the run's
     assert seen == {"name": "validation", "cache_dir": None, "streaming": False}
@@ -193,8 +195,8 @@ def test_caches_are_reused(formats_dir, tokenizers, tmp_path, monkeypatch):
 
     import datasets
 
-    monkeypatch.setattr(data_mod, "_text_pair_stream", forbidden)
-    monkeypatch.setattr(data_mod, "_encode_columns", forbidden)
+    monkeypatch.setattr(files_mod, "_text_pair_stream", forbidden)
+    monkeypatch.setattr(token_ids_mod, "_encode_columns", forbidden)
     monkeypatch.setattr(datasets.Dataset, "map", forbidden)
     again = open_corpus(config, "train", tmp_path)
     assert again.fingerprint == corpus.fingerprint
@@ -254,7 +256,7 @@ def test_parallel_tokenizing_gives_the_same_ids(formats_dir, tokenizers, tmp_pat
     monkeypatch.setattr(datasets.Dataset, "map", spy)
     # Below MIN_PAIRS_PER_PROCESS pairs a process, worker start-up is not worth it.
     tokenize_corpus(corpus, tokenizers, tmp_path / "small", num_proc=2)
-    monkeypatch.setattr(data_mod, "MIN_PAIRS_PER_PROCESS", 100)  # 600 pairs: two processes
+    monkeypatch.setattr(token_ids_mod, "MIN_PAIRS_PER_PROCESS", 100)  # 600 pairs: two processes
     parallel = tokenize_corpus(corpus, tokenizers, tmp_path / "two", num_proc=2)
     assert calls == [None, 2]
     assert_same_ids(serial, parallel)
@@ -397,7 +399,7 @@ def test_streaming_fingerprint(pairs, tmp_path, monkeypatch):
     (tmp_path / "train.en").write_text("".join(t + "\n" for t in tgt[1:21]), encoding="utf-8")
     assert stream_corpus(config, "train").fingerprint != first.fingerprint
     # A hub stream's fingerprint comes from the config: name, config, split and fields.
-    monkeypatch.setattr(data_mod, "_load_hub_table", lambda *args, **kwargs: [])
+    monkeypatch.setattr(hub_mod, "_load_hub_table", lambda *args, **kwargs: [])
     hub = {stream_corpus(DataConfig(**kwargs), split).fingerprint
            for kwargs, split in (({}, "train"), ({}, "train"), ({}, "valid"),
                                  ({"hub_config": "x"}, "train"), ({"src_field": "s"}, "train"))}

@@ -22,7 +22,7 @@ from tinyt.config import DataConfig, TokenizerConfig
 from tinyt.data import load_split, open_corpus
 from tinyt.errors import TinytError
 from tinyt.tokenizer import Tokenizers, train_or_load
-from tinyt.training import _trim_metrics
+from tinyt.rundir import trim_metrics
 from tinyt.writing import (atomic_torch_save, atomic_write, atomic_write_text,
                            check_writable_dir, find_os_error, write_error, writing)
 
@@ -236,7 +236,7 @@ def test_a_damaged_tokenizer_meta_json_is_retrained_or_one_line(tmp_path, conten
 
 def test_a_full_disk_while_caching_the_corpus_names_the_cache(small_corpus, tmp_path,
                                                                monkeypatch):
-    import tinyt.data as data_module
+    import tinyt.data.corpus as data_module
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -251,7 +251,7 @@ def test_metrics_jsonl_that_is_not_utf8_is_one_line_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 5}\n{"step": 10, "x": "\xff"}\n')
     with pytest.raises(TinytError, match=r"metrics.jsonl line 2 is not UTF-8"):
-        _trim_metrics(path, 10)
+        trim_metrics(path, 10)
 
 
 # -- data files -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import tinyt.data as data_mod
+import tinyt.data.hub as data_mod
 from tinyt.config import DataConfig
 from tinyt.data import load_split, open_corpus, stream_corpus
 from tinyt.errors import TinytError

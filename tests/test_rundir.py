@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import tinyt.training as training_module
+import tinyt.rundir as rundir_module
+import tinyt.stopping as stopping_module
 from tinyt.checkpoint import load_checkpoint
 from tinyt.config import config_from_dict
 from tinyt.errors import TinytError
@@ -274,7 +275,7 @@ def test_time_budget_running_out_during_a_validation_stops_at_that_step(
     raw = short_run(small_corpus, tmp_path / "run", tiny_config_for, max_steps=0,
                     max_minutes=1.0, valid_every=5, keep_checkpoints=5)
     clock = {"now": 0.0}
-    monkeypatch.setattr(training_module, "time",
+    monkeypatch.setattr(stopping_module, "time",
                         types.SimpleNamespace(monotonic=lambda: clock["now"]))
     validate = Trainer.validate
 
@@ -295,14 +296,14 @@ def test_resume_checks_only_what_the_checkpoint_config_had(tiny_config_dict):
     changed model or data key, and only such a key, blocks a resume."""
     config = config_from_dict(tiny_config_dict)
     saved = config.to_dict()
-    assert training_module._changed_on_resume(saved, config) == []
+    assert rundir_module._changed_on_resume(saved, config) == []
     older = {section: dict(values) if isinstance(values, dict) else values
              for section, values in saved.items()}
     del older["data"]["holdout"], older["data"]["columns"], older["model"]["max_positions"]
-    assert training_module._changed_on_resume(older, config) == []
+    assert rundir_module._changed_on_resume(older, config) == []
     saved["train"]["lr"] = 1.0
     saved["data"]["dir"] = "/elsewhere"
-    assert training_module._changed_on_resume(saved, config) == []
+    assert rundir_module._changed_on_resume(saved, config) == []
     saved["data"]["max_len"] = 3
     saved["model"]["n_heads"] = 1
-    assert training_module._changed_on_resume(saved, config) == ["model.n_heads", "data.max_len"]
+    assert rundir_module._changed_on_resume(saved, config) == ["model.n_heads", "data.max_len"]

@@ -173,3 +173,17 @@ def test_streaming_training_covers_the_stream_and_resumes_exactly(tmp_path, shor
     interrupted.train.max_steps = 24
     train(interrupted, resume=True, progress_bars=False)
     assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)
+
+
+def test_a_run_ending_by_max_epochs_validates_and_saves_its_last_step(tmp_path, short_pairs):
+    # 40 pairs in 400-token batches: a few batches an epoch, so with valid_every 7 the last
+    # step of epoch 3 falls between validations; it must still be validated and saved.
+    write_pairs(tmp_path, "train", short_pairs[:40])
+    write_pairs(tmp_path, "val", short_pairs[40:50])
+    config = config_from_dict(tiny_config(tmp_path, tmp_path, max_epochs=3, valid_every=7))
+    summary = train(config, progress_bars=False)
+    last_step = summary["steps"]
+    assert summary["epochs"] == 3 and last_step % 7 != 0, summary
+    metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics] == [*range(7, last_step, 7), last_step]
+    assert load_checkpoint(Path(config.run_dir) / "last.pt")["progress"]["step"] == last_step

@@ -23,7 +23,7 @@ _LAZY = {
     "export_bundle": "tinyt.bundle",
     "export_ctranslate2": "tinyt.ctranslate2_model",
     "load_bundle": "tinyt.bundle",
-    "run_info": "tinyt.bundle",
+    "run_info": "tinyt.run_summary",
     "average_checkpoints": "tinyt.checkpoint",
     "load_trained": "tinyt.checkpoint",
 }

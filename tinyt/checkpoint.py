@@ -1,18 +1,19 @@
-"""Checkpoints and run directories: atomic saves, safe loads, rebuilding a trained model.
+"""Checkpoints: atomic saves, safe loads, what training saves and restores, rebuilding a
+trained model, and averaging validation checkpoints.
 
-A run directory holds:
-    config.yaml            the resolved config the run was trained with
-    tokenizer/             SentencePiece model(s) and meta.json (tinyt.tokenizer)
-    best.pt, last.pt       checkpoints: best validation loss, latest state
-    ckpt-STEP.pt           weights of the last `train.keep_checkpoints` validations
-    averaged.pt            their average, written by `average_checkpoints`
-    metrics.jsonl          one JSON line per validation
+A run directory (tinyt.rundir) holds these checkpoints:
+    last.pt        everything a resume needs (`training_payload`): weights, optimizer, schedule,
+                   gradient scaler, progress, random states
+    best.pt        weights and metadata of the best validation (`weights_payload`)
+    ckpt-STEP.pt   the same for each of the last `train.keep_checkpoints` validations, and
+                   averaged.pt, their average (`average_checkpoints`)
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it loads with
 `torch.load(weights_only=True)`: nothing in it can execute code.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from typing import Any
 import torch
 
 from tinyt.config import Config, ConfigError, load_config
+from tinyt.distributed import World
 from tinyt.errors import TinytError
 from tinyt.model import Transformer
+from tinyt.schedule import LearningRateSchedule
 from tinyt.tokenizer import Tokenizers
 from tinyt.writing import atomic_torch_save
 
@@ -146,6 +149,90 @@ def load_trained(run_dir: str | Path, checkpoint: str = "best.pt"
                          f"({first}); was config.yaml edited after training?") from None
     model.eval()
     return config, tokenizers, model, payload
+
+
+# -- what training saves and restores -------------------------------------------------------
+
+# The keys of best.pt and ckpt-STEP.pt: what inference needs, a third of last.pt's size.
+_WEIGHTS_KEYS = ("model", "progress", "tokenizer_fingerprint", "config")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: torch's CPU (and CUDA) generators and Python's."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_payload(*, model: Transformer, optimizer: torch.optim.Optimizer,
+                     schedule: LearningRateSchedule, scaler: torch.amp.GradScaler,
+                     progress: dict[str, Any], rng_ranks: list[dict[str, Any]],
+                     tokenizers_fingerprint: str, config: Config) -> dict[str, Any]:
+    """What last.pt holds: everything a resume needs to continue bit for bit.
+
+    progress: the trainer's Progress as a dict. rng_ranks: every rank's `rng_state()`, in rank
+    order; "rng" is rank 0's (all a single process uses), and "rng_ranks" is kept only when
+    there are several, so that a resume with as many processes redraws the same dropout masks
+    everywhere. The schedule's state is saved under "scheduler", as it always was.
+    """
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": progress,
+        "rng": rng_ranks[0],
+        "tokenizer_fingerprint": tokenizers_fingerprint,
+        "config": config.to_dict(),
+    }
+    if len(rng_ranks) > 1:
+        payload["rng_ranks"] = rng_ranks
+    return payload
+
+
+def weights_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """What best.pt and ckpt-STEP.pt hold of a `training_payload`: weights and metadata, no
+    optimizer state."""
+    return {key: payload[key] for key in _WEIGHTS_KEYS}
+
+
+def restore_training(payload: dict[str, Any], path: Path, *, model: Transformer,
+                     optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule,
+                     scaler: torch.amp.GradScaler, tokenizers_fingerprint: str
+                     ) -> dict[str, Any]:
+    """Load a `training_payload` (read from `path`) back into the trainer's pieces; returns
+    its progress dict. The random state is `saved_rng_state`'s business."""
+    if payload.get("tokenizer_fingerprint") != tokenizers_fingerprint:
+        raise TinytError(f"{path} was trained with another vocabulary than this run's "
+                         "tokenizer; resume needs the run's original data and config")
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise TinytError(f"{path} does not fit this run's model/optimizer ({first}); was "
+                         "the config changed since the checkpoint was written?") from None
+    schedule.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    return payload["progress"]
+
+
+def saved_rng_state(payload: dict[str, Any], world: World) -> dict[str, Any] | None:
+    """The random state this rank continues from: its own when the checkpoint was written by
+    as many processes; otherwise rank 0 continues the saved stream ("rng") and the others get
+    None: they start fresh dropout streams of their own."""
+    rank_states = payload.get("rng_ranks")
+    if rank_states is not None and len(rank_states) == world.world_size:
+        return rank_states[world.rank]
+    return payload["rng"] if world.is_main else None
 
 
 # -- validation checkpoints and averaging ---------------------------------------------------

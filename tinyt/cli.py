@@ -594,7 +594,7 @@ def info(
 
     Example: tinyt info --run runs/multi30k_de_en   (or: tinyt info --model model.tinyt)
     """
-    from tinyt.bundle import format_run_info, run_info
+    from tinyt.run_summary import format_run_info, run_info
 
     if run is not None and model is not None:
         raise TinytError("pass either --run or --model, not both")

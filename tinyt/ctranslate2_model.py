@@ -226,22 +226,29 @@ def export_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str
 
 def _move_into_place(new: Path, out_dir: Path, staging: Path) -> None:
     """Rename the finished `new` folder to `out_dir`; an old export there is moved into
-    `staging` first (and deleted with it), so `out_dir` is never a half-written model. Of two
-    exports to one folder at once, the one that finishes last is kept, whole."""
-    if not out_dir.is_dir():
+    `staging` first (and deleted with it), so `out_dir` is never a half-written model. Of
+    several exports to one folder at once, the one that moves in last is kept, whole."""
+    for attempt in range(100):
+        try:
+            os.rename(new, out_dir)  # replaces nothing, or an empty folder
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = staging / f"old-{attempt}"
+        try:
+            os.rename(out_dir, old)
+        except FileNotFoundError:  # another export moved it away first: try again
+            continue
         try:
             os.rename(new, out_dir)
             return
-        except OSError as exc:  # another export put its folder there meanwhile
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not out_dir.is_dir():
-                raise
-    old = staging / "old"
-    os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another export moved in
+                continue
+            os.rename(old, out_dir)  # put the previous export back
+            raise
+    raise OSError(errno.EBUSY, "other exports keep replacing the folder", str(out_dir))
 
 
 # -- loading and decoding -------------------------------------------------------------------

@@ -1,5 +1,18 @@
-"""A run directory's ownership: one writer at a time, what in it counts as a trained run,
-and the temporary files a killed writer leaves behind.
+"""A run directory: its layout, its ownership (one writer at a time), what in it counts as a
+trained run, what makes it resumable, and the temporary files a killed writer leaves behind.
+
+A run directory holds:
+    config.yaml            the resolved config the run was trained with
+    tokenizer/             SentencePiece model(s) and meta.json (tinyt.tokenizer)
+    data/                  the held-out valid/test splits and their record (tinyt.data)
+    cache/                 derived files (the corpus as Arrow, token ids): rebuilt at will
+    best.pt, last.pt       checkpoints: best validation loss, latest state (tinyt.checkpoint)
+    ckpt-STEP.pt           weights of the last `train.keep_checkpoints` validations
+    averaged.pt            their average, written by `tinyt average`
+    metrics.jsonl          one JSON line per validation, none after last.pt's step
+    evaluations.jsonl, translations/   what `tinyt evaluate` wrote
+It is resumable when last.pt loads, the config keeps the model, vocabulary and data last.pt was
+trained with, and the tokenizer that wrote it is still there (`check_resumable`).
 
 Commands that write a run's state (`tinyt train`, `tinyt average`) hold an exclusive
 `fcntl.flock` on `RUN/.tinyt.lock` for as long as they run. The kernel releases it when the
@@ -19,9 +32,13 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
+from tinyt.checkpoint import load_checkpoint
+from tinyt.config import Config
 from tinyt.errors import TinytError
-from tinyt.writing import write_error
+from tinyt.tokenizer import Tokenizers
+from tinyt.writing import atomic_write_text, write_error
 
 LOCK_NAME = ".tinyt.lock"
 # Files and folders that only training, evaluation or averaging produce: any one of them means
@@ -37,6 +54,98 @@ def trained_artefacts(run_dir: Path) -> list[str]:
     found += [name + "/" for name in TRAINED_FOLDERS
               if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
     return found
+
+
+def check_can_train(config: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, a `tinyt train` that would misuse the run in
+    `config.run_dir`: a resume needs a resumable run, and a new run a directory without a
+    trained run in it, unless --overwrite gives that one up."""
+    run_dir = Path(config.run_dir)
+    if resume:
+        check_resumable(config)
+        return
+    held = trained_artefacts(run_dir)
+    if held and not overwrite:
+        raise TinytError(f"run directory {run_dir} already holds a run ({', '.join(held[:4])}"
+                         f"{', …' if len(held) > 4 else ''}); pass --resume to continue it, "
+                         "--overwrite to start over, or --run-dir for a new one")
+
+
+def clear_trained_state(run_dir: Path) -> None:
+    """--overwrite: remove the old run's results (the tokenizer is kept, and reused when the
+    new config and data would train the same one)."""
+    for name in TRAINED_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for old in run_dir.glob("ckpt-*.pt"):
+        old.unlink()
+    shutil.rmtree(run_dir / "translations", ignore_errors=True)
+
+
+# -- resuming ----------------------------------------------------------------------------------
+
+# What a resumed run may not change: the model's shape, the vocabulary and which pairs it trains
+# on. Limits, schedule, decoding and where the data lives (data.dir) may change with --set.
+_DATA_KEYS_FREE_ON_RESUME = ("dir", "num_proc", "stream_buffer")
+
+
+def _changed_on_resume(saved: dict[str, Any], config: Config) -> list[str]:
+    """Keys of `config` that differ from the checkpoint's config in what a resume must keep.
+    A key the checkpoint's config lacks came with a later tinyt: the run used its default."""
+    now = config.to_dict()
+    changed = []
+    for section in ("model", "tokenizer", "data"):
+        before = saved.get(section, {})
+        for key in sorted(set(now[section]) & set(before)):
+            if section == "data" and key in _DATA_KEYS_FREE_ON_RESUME:
+                continue
+            if now[section][key] != before[key]:
+                changed.append(f"{section}.{key}")
+    return changed
+
+
+def check_resumable(config: Config) -> dict[str, Any]:
+    """Everything a resume needs, checked before anything is written: last.pt loads, the
+    config keeps the model, vocabulary and data it was trained with, and the tokenizer that
+    wrote the checkpoint is still there. Returns last.pt's payload."""
+    run_dir = Path(config.run_dir)
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise TinytError(f"cannot resume: {last} does not exist (a run saves it at its first "
+                         "validation or train.checkpoint_every); start over with --overwrite")
+    payload = load_checkpoint(last)
+    changed = _changed_on_resume(payload.get("config", {}), config)
+    if changed:
+        raise TinytError(f"cannot resume {run_dir} with {', '.join(changed)} changed: last.pt was "
+                         "trained with other values; resume without changing them, or start a "
+                         "new run (--run-dir, or --overwrite)")
+    tokenizers = Tokenizers.load(run_dir / "tokenizer")
+    if payload.get("tokenizer_fingerprint") != tokenizers.fingerprint:
+        raise TinytError(f"{last} was trained with another vocabulary than {run_dir / 'tokenizer'};"
+                         " restore the run's original tokenizer/ folder, or start over")
+    return payload
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines after `step`: a run killed between logging a validation and saving
+    its checkpoint redoes that validation on resume and must not log it twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # tinyt writes ASCII JSON: this is damage, not a kill
+            raise TinytError(f"{path} line {number} is not UTF-8 text (the file is damaged); "
+                             "delete that line, then resume") from None
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# -- temporary files and the lock ---------------------------------------------------------------
 
 
 def _is_temporary(name: str) -> bool:

@@ -1,5 +1,10 @@
-"""The training loop: teacher forcing, label-smoothed cross-entropy, Adam with linear warmup
-then ReduceLROnPlateau on validation loss, gradient clipping, periodic validation, checkpoints.
+"""The training loop: teacher forcing, label-smoothed cross-entropy, Adam, gradient clipping,
+periodic validation and checkpoints.
+
+The loop (`Trainer.train`) delegates each concern to a piece of its own: the learning rate to
+tinyt.schedule (warmup, then ReduceLROnPlateau), when to stop to tinyt.stopping (limits,
+signals, agreement between ranks), what a checkpoint holds to tinyt.checkpoint, and what a run
+directory holds and whether it may be trained or resumed to tinyt.rundir.
 """
 
 from __future__ import annotations
@@ -9,9 +14,6 @@ import itertools
 import json
 import math
 import random
-import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_checkpoints,
-                              save_checkpoint, validation_checkpoint_name)
+                              restore_training, rng_state, save_checkpoint, saved_rng_state,
+                              set_rng_state, training_payload, validation_checkpoint_name,
+                              weights_payload)
 from tinyt.config import Config, save_config
 from tinyt.data import (Batch, TokenizedText, collate, make_batches, open_training_data,
                         tokenize, tokenize_corpus, trainable_indices)
@@ -35,11 +39,13 @@ from tinyt.evaluation import evaluate_split, perplexity, score_translations, tea
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
                             set_threads)
 from tinyt.model import Transformer
-from tinyt.rundir import (TRAINED_FILES, RunDirLock, remove_stale_temporaries,
-                          trained_artefacts)
+from tinyt.rundir import (RunDirLock, check_can_train, clear_trained_state,
+                          remove_stale_temporaries, trim_metrics)
+from tinyt.schedule import LearningRateSchedule
+from tinyt.stopping import StopConditions, TrainingInterrupted
 from tinyt.tokenizer import PAD_ID, Tokenizers, saved_tokenizers, train_or_load
 from tinyt.translation import Translator
-from tinyt.writing import append_text, atomic_write_text
+from tinyt.writing import append_text
 
 
 @dataclass
@@ -57,67 +63,9 @@ class Progress:
     nonfinite_steps: int = 0  # updates skipped because the loss or gradients were not finite
     nonfinite_in_a_row: int = 0
 
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; the current step was finished and last.pt saved."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        self.signum, self.step, self.run_dir = signum, step, run_dir
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped after step {step}, saved {run_dir / 'last.pt'}; "
-                         f"continue with: tinyt train --resume {run_dir}")
-
-
-class _SignalFlag:
-    """While active, SIGINT and SIGTERM only set `received`, so the loop can finish its step
-    and save before leaving. A second Ctrl-C falls back to the default behaviour."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            signal.default_int_handler(signum, frame)
-        self.received = signum
-
-    def __enter__(self) -> _SignalFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _rank_seed(seed: int, rank: int) -> int:
     """The dropout seed of a rank > 0 (rank 0 keeps the run's seed, as a single process)."""
     return seed + 1_000_003 * rank
-
-
-def _warmup_lr(config: Config, step: int) -> float | None:
-    """The learning rate during linear warmup at `step` (1-based), or None once it is over."""
-    warmup = config.train.warmup_steps
-    if warmup and step <= warmup:
-        return config.train.lr * step / warmup
-    return None
-
 
 def _no_buffer_sync() -> dict[str, bool]:
     """DDP's option for not re-broadcasting buffers before every forward: renamed in newer
@@ -150,8 +98,59 @@ class TeacherForcedLoss(nn.Module):
                                reduction="sum")
 
 
+class _TrainingLog:
+    """The training loss and speed of one call of the training loop.
+
+    Each update's loss stays on the device until the next progress-bar update or save
+    (`flush`), so that logging costs no host sync per step. Flushing adds it to
+    Progress.window_loss/window_tokens: the training loss of the next metrics line, which
+    checkpoints carry so that a resumed run logs the same numbers.
+    """
+
+    def __init__(self, device: torch.device):
+        self.start = time.monotonic()
+        self.trained_tokens = 0  # target tokens of every update, all ranks, skipped ones too
+        self.validation_seconds = 0.0
+        self._loss = torch.zeros((), device=device)  # summed over finite updates since flush
+        self._tokens = 0  # target tokens behind _loss
+        self._measured_from = self.start  # start of the progress bar's speed measurement
+
+    def add(self, loss: torch.Tensor, tokens: int, finite: bool) -> None:
+        self.trained_tokens += tokens
+        if finite:
+            self._loss += loss
+            self._tokens += tokens
+
+    def flush(self, progress: Progress) -> None:
+        progress.window_loss += float(self._loss)
+        progress.window_tokens += self._tokens
+        self._loss.zero_()
+        self._tokens = 0
+
+    def show(self, bar: tqdm, progress: Progress, lr: float) -> None:
+        """Loss, learning rate and tokens/s since the last update, on the progress bar."""
+        now = time.monotonic()
+        postfix = {"loss": f"{float(self._loss) / max(self._tokens, 1):.3f}",
+                   "lr": f"{lr:.2e}",
+                   "tok_s": f"{self._tokens / max(now - self._measured_from, 1e-9):.0f}"}
+        if progress.nonfinite_steps:
+            postfix["skipped"] = progress.nonfinite_steps
+        self.flush(progress)
+        bar.set_postfix(postfix)
+        self._measured_from = now
+
+    def restart_speed(self) -> None:
+        """Leave the time just spent (validating, saving) out of the next speed shown."""
+        self._measured_from = time.monotonic()
+
+    def tokens_per_s(self) -> float:
+        """Target tokens per second of training steps (all ranks), validation excluded."""
+        return self.trained_tokens / max(
+            time.monotonic() - self.start - self.validation_seconds, 1e-9)
+
+
 class Trainer:
-    """Owns the model, optimizer, scheduler and progress of one run directory.
+    """Owns the model, optimizer, schedule and progress of one run directory.
 
     Under torchrun (`world.launched`) every rank holds a replica; each step's batches are
     shared out between the ranks and DistributedDataParallel averages the gradients. Rank 0
@@ -193,12 +192,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas,
                                           eps=tc.eps, weight_decay=tc.weight_decay,
                                           fused=self.device.type == "cuda")
-        if tc.warmup_steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = _warmup_lr(config, 1)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience,
-            min_lr=tc.min_lr)
+        self.schedule = LearningRateSchedule(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.train_indices = (trainable_indices(train_data, config.data.max_len)
                               if train_data is not None else None)
@@ -211,18 +205,6 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _payload(self, rng: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "progress": vars(self.progress).copy(),
-            "rng": rng,
-            "tokenizer_fingerprint": self.tokenizers.fingerprint,
-            "config": self.config.to_dict(),
-        }
-
     def save(self, best: bool, validation: bool = False) -> None:
         """Write last.pt (everything resume needs); if `best`, best.pt (what inference needs:
         weights and metadata, no optimizer state, a third of the size); and if `validation`
@@ -234,49 +216,36 @@ class Trainer:
         same weights, so they never run ahead of or fall behind the resumable state.
         """
         # Every rank's random state, so a resume with as many processes redraws the same
-        # dropout masks everywhere; "rng" alone (rank 0's) is what a single process uses.
-        rank_states = distributed.gather(self.world, _rng_state())
+        # dropout masks everywhere.
+        rank_states = distributed.gather(self.world, rng_state())
         if not self.world.is_main:
             return
-        payload = self._payload(rank_states[0])
-        if self.world.world_size > 1:
-            payload["rng_ranks"] = rank_states
-        weights_only = {k: payload[k] for k in ("model", "progress", "tokenizer_fingerprint",
-                                                "config")}
+        payload = training_payload(
+            model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+            scaler=self.scaler, progress=vars(self.progress).copy(), rng_ranks=rank_states,
+            tokenizers_fingerprint=self.tokenizers.fingerprint, config=self.config)
+        weights = weights_payload(payload)
         keep = self.config.train.keep_checkpoints
         if validation and keep:
             step = self.progress.step
-            save_checkpoint(weights_only, self.run_dir / validation_checkpoint_name(step))
+            save_checkpoint(weights, self.run_dir / validation_checkpoint_name(step))
             prune_validation_checkpoints(self.run_dir, keep, step)
         if best:
-            save_checkpoint(weights_only, self.run_dir / "best.pt")
+            save_checkpoint(weights, self.run_dir / "best.pt")
         save_checkpoint(payload, self.run_dir / "last.pt")
 
     def restore(self, path: Path) -> None:
-        """Continue from a checkpoint written by `save`: weights, optimizer, schedules, RNGs
+        """Continue from a checkpoint written by `save`: weights, optimizer, schedule, RNGs
         and the position in the epoch's batch order."""
         payload = load_checkpoint(path)
-        if payload.get("tokenizer_fingerprint") != self.tokenizers.fingerprint:
-            raise TinytError(f"{path} was trained with another vocabulary than this run's "
-                             "tokenizer; resume needs the run's original data and config")
-        try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0][:160]
-            raise TinytError(f"{path} does not fit this run's model/optimizer ({first}); was "
-                             "the config changed since the checkpoint was written?") from None
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.progress = Progress(**payload["progress"])
-        rank_states = payload.get("rng_ranks")
-        if rank_states is not None and len(rank_states) == self.world.world_size:
-            _set_rng_state(rank_states[self.world.rank])
-        elif self.world.is_main:
-            _set_rng_state(payload["rng"])
-        else:
-            # Saved by a different number of processes: rank 0 continues the saved stream,
-            # the others start fresh dropout streams of their own.
+        progress = restore_training(
+            payload, path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+            scaler=self.scaler, tokenizers_fingerprint=self.tokenizers.fingerprint)
+        self.progress = Progress(**progress)
+        rng = saved_rng_state(payload, self.world)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # saved by another number of processes: a fresh dropout stream of its own
             torch.manual_seed(_rank_seed(self.config.train.seed, self.world.rank)
                               + self.progress.step)
 
@@ -356,148 +325,152 @@ class Trainer:
                 hyps, self.valid_refs, self.config.decoding.bleu_tokenize)["bleu"]
             self.model.train()
         return result
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         """Train until a limit (epochs, steps, minutes, early stopping) is reached.
 
-        Raises TrainingInterrupted on SIGINT/SIGTERM (after finishing the step and saving
-        last.pt) and TinytError after too many non-finite updates in a row.
+        After every update: validate and save when validation is due or training stops (the
+        state training stops in is always validated and saved), else save when a checkpoint is
+        due or a signal came. Raises TrainingInterrupted on SIGINT/SIGTERM (after finishing the
+        step and saving last.pt) and TinytError after too many non-finite updates in a row.
         """
-        tc = self.config.train
         p = self.progress
-        start = time.monotonic()
-        self._trained_tokens, self._validation_seconds = 0, 0.0
-        deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
-        # A resumed run that had already reached a limit (killed during its final evaluation,
-        # say) trains no further: not one step past it, no checkpoint rewritten.
-        stop_reason = self.limit_reached()
-        if stop_reason is not None:
-            stop_reason = f"already finished ({stop_reason}); nothing more to train"
-        # Loss of the steps since the last progress-bar update, kept on the device.
-        pending_loss, pending_tokens = torch.zeros((), device=self.device), 0
-        log_time = time.monotonic()
-
-        def flush_pending() -> None:
-            nonlocal pending_tokens
-            p.window_loss += float(pending_loss)
-            p.window_tokens += pending_tokens
-            pending_loss.zero_()
-            pending_tokens = 0
-
+        stops = StopConditions(self.config.train, self.world, self.device)
+        log = _TrainingLog(self.device)
+        reason = stops.before_training(p)  # a resumed run may have reached a limit already
         self.model.train()
-        world = self.world
-        per_step = tc.accumulate_steps * world.world_size  # batches in one update, all ranks
-        with _SignalFlag() as signals:
-            while stop_reason is None and p.epoch < tc.max_epochs:
-                batches, total = self._epoch_batches(p.epoch)
-                batches = itertools.islice(batches, p.batch_in_epoch, None)
-                bar = tqdm(total=total, initial=p.batch_in_epoch,
-                           desc=f"epoch {p.epoch + 1}", unit="batch",
-                           disable=not self.progress_bars, dynamic_ncols=True)
-                group = list(itertools.islice(batches, per_step))
-                if not group:
-                    bar.close()
-                    raise TinytError(f"epoch {p.epoch + 1} has no training batch: no pair has "
-                                     f"1..{self.config.data.max_len} tokens on both sides; "
-                                     "check the data or raise data.max_len")
-                while group:
-                    # Read one update ahead: a stream's end is known only when it runs dry.
-                    following = list(itertools.islice(batches, per_step))
-                    p.step += 1
-                    warm = _warmup_lr(self.config, p.step)
-                    if warm is not None:
-                        for param_group in self.optimizer.param_groups:
-                            param_group["lr"] = warm
-                    group_tokens = sum(self._n_tokens(item) for item in group)
-                    loss, finite = self.train_step(self._my_share(group), group_tokens)
-                    p.batch_in_epoch += len(group)
-                    self._trained_tokens += group_tokens
-                    bar.update(len(group))
-                    if finite:
-                        p.nonfinite_in_a_row = 0
-                        pending_loss += loss
-                        pending_tokens += group_tokens
-                    else:
-                        p.nonfinite_steps += 1
-                        p.nonfinite_in_a_row += 1
-                        if p.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                            bar.close()
-                            raise TinytError(
-                                f"{p.nonfinite_in_a_row} updates in a row had a non-finite loss "
-                                f"or gradient (at step {p.step}); stopped. The last good "
-                                f"checkpoints are in {self.run_dir}; lower train.lr or raise "
-                                "train.warmup_steps, then --resume or start over")
-                    if p.step % tc.log_every == 0:
-                        now = time.monotonic()
-                        tokens = pending_tokens
-                        loss_value = float(pending_loss) / max(tokens, 1)
-                        flush_pending()
-                        postfix = {"loss": f"{loss_value:.3f}",
-                                   "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                   "tok_s": f"{tokens / max(now - log_time, 1e-9):.0f}"}
-                        if p.nonfinite_steps:
-                            postfix["skipped"] = p.nonfinite_steps
-                        bar.set_postfix(postfix)
-                        log_time = now
-                    end_of_epoch = not following
-                    if end_of_epoch:
-                        p.epoch += 1
-                        p.batch_in_epoch = 0
-                    # A signal or the clock may reach the ranks at different steps; they
-                    # agree here, so all of them stop (and save) at the same step.
-                    interrupted, out_of_time = distributed.any_rank(
-                        world, [signals.received is not None, time.monotonic() >= deadline],
-                        self.device)
-                    if tc.max_steps and p.step >= tc.max_steps:
-                        stop_reason = f"reached train.max_steps={tc.max_steps}"
-                    elif out_of_time:
-                        stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
-                    due = (tc.valid_every and p.step % tc.valid_every == 0) or \
-                        (not tc.valid_every and end_of_epoch)
-                    if due or stop_reason is not None:
-                        flush_pending()
-                        stop_reason = self._validate_and_save(start, stop_reason, bar) or stop_reason
-                        log_time = time.monotonic()
-                        # The clock may run out during a validation: stop at this step then,
-                        # not validate again one step later (two near-identical checkpoints).
-                        if stop_reason is None and distributed.any_rank(
-                                world, [time.monotonic() >= deadline], self.device)[0]:
-                            stop_reason = f"reached train.max_minutes={tc.max_minutes:g}"
-                    elif interrupted or (
-                            tc.checkpoint_every and p.step % tc.checkpoint_every == 0):
-                        flush_pending()
-                        self.save(best=False)
-                    if interrupted:
-                        bar.close()
-                        raise TrainingInterrupted(signals.received or signal.SIGTERM, p.step,
-                                                  self.run_dir)
-                    if stop_reason is not None:
-                        break
-                    group = following
-                bar.close()
-        if stop_reason is None:
-            stop_reason = f"reached train.max_epochs={tc.max_epochs}"
-        return {"stop_reason": stop_reason, "steps": p.step, "epochs": p.epoch,
+        with stops.catching_signals():
+            while reason is None:
+                updates, total = self._rest_of_epoch()
+                with self._progress_bar(total) as bar:
+                    for group, end_of_epoch in updates:
+                        self._update(group, end_of_epoch, log, bar)
+                        reason = stops.after_update(p)
+                        if reason is not None or self._validation_due(end_of_epoch):
+                            self._validate_and_save(log, bar)
+                            reason = reason or stops.after_validation(p)
+                        elif stops.interrupted_by is not None or self._checkpoint_due():
+                            log.flush(p)
+                            self.save(best=False)
+                        if stops.interrupted_by is not None:
+                            raise TrainingInterrupted(stops.interrupted_by, p.step, self.run_dir)
+                        if reason is not None:
+                            break
+                reason = reason or stops.after_epoch(p)
+        return {"stop_reason": reason, "steps": p.step, "epochs": p.epoch,
                 "best_valid_loss": p.best_valid_loss, "best_step": p.best_step,
                 "nonfinite_steps": p.nonfinite_steps,
-                "minutes": (time.monotonic() - start) / 60,
-                # Target tokens per second of training steps (all ranks), validation excluded.
-                "tokens_per_s": self._trained_tokens / max(
-                    time.monotonic() - start - self._validation_seconds, 1e-9)}
+                "minutes": (time.monotonic() - log.start) / 60,
+                "tokens_per_s": log.tokens_per_s()}
 
-    def limit_reached(self) -> str | None:
-        """Which of the run's limits its progress has reached (steps, epochs, early
-        stopping), if any; the clock is not one of them: a resume gets a new time budget."""
-        tc, p = self.config.train, self.progress
-        if tc.max_steps and p.step >= tc.max_steps:
-            return f"reached train.max_steps={tc.max_steps}"
-        if p.epoch >= tc.max_epochs:
-            return f"reached train.max_epochs={tc.max_epochs}"
-        if tc.early_stopping and p.validations_since_best >= tc.early_stopping:
-            return f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
-        return None
+    def _rest_of_epoch(self) -> tuple[Iterator[tuple[list[Any], bool]], int | None]:
+        """The updates left in the current epoch and the epoch's number of batches (None when
+        streaming). Each update is a list of batch items, every rank's (accumulate_steps x
+        world_size of them; the epoch's last update may have fewer), with whether it is the
+        epoch's last."""
+        p = self.progress
+        items, total = self._epoch_batches(p.epoch)
+        return self._group_updates(itertools.islice(items, p.batch_in_epoch, None), p.epoch), total
+
+    def _group_updates(self, items: Iterator[Any], epoch: int
+                       ) -> Iterator[tuple[list[Any], bool]]:
+        per_update = self.config.train.accumulate_steps * self.world.world_size
+        group = list(itertools.islice(items, per_update))
+        if not group:
+            raise TinytError(f"epoch {epoch + 1} has no training batch: no pair has "
+                             f"1..{self.config.data.max_len} tokens on both sides; "
+                             "check the data or raise data.max_len")
+        while group:
+            # Read one update ahead: a stream's end is known only when it runs dry.
+            following = list(itertools.islice(items, per_update))
+            yield group, not following
+            group = following
+
+    def _progress_bar(self, total: int | None) -> tqdm:
+        p = self.progress
+        return tqdm(total=total, initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}",
+                    unit="batch", disable=not self.progress_bars, dynamic_ncols=True)
+
+    def _update(self, group: list[Any], end_of_epoch: bool, log: _TrainingLog,
+                bar: tqdm) -> None:
+        """One optimisation step on this rank's share of `group`, and its bookkeeping."""
+        p = self.progress
+        p.step += 1
+        self.schedule.start_update(p.step)
+        tokens = sum(self._n_tokens(item) for item in group)
+        loss, finite = self.train_step(self._my_share(group), tokens)
+        p.batch_in_epoch += len(group)
+        log.add(loss, tokens, finite)
+        bar.update(len(group))
+        self._count_nonfinite(finite)
+        if p.step % self.config.train.log_every == 0:
+            log.show(bar, p, self.schedule.lr)
+        if end_of_epoch:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        """Count a skipped update; too many in a row mean the run diverged: stop it."""
+        p = self.progress
+        if finite:
+            p.nonfinite_in_a_row = 0
+            return
+        p.nonfinite_steps += 1
+        p.nonfinite_in_a_row += 1
+        if p.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+            raise TinytError(f"{p.nonfinite_in_a_row} updates in a row had a non-finite loss "
+                             f"or gradient (at step {p.step}); stopped. The last good "
+                             f"checkpoints are in {self.run_dir}; lower train.lr or raise "
+                             "train.warmup_steps, then --resume or start over")
+
+    def _validation_due(self, end_of_epoch: bool) -> bool:
+        # The update that completes the last epoch (train.max_epochs) is always validated and
+        # saved, as the last step of a max_steps or max_minutes run is: with valid_every set,
+        # the steps since the last validation would otherwise be trained and then lost.
+        p, train = self.progress, self.config.train
+        if end_of_epoch and p.epoch >= train.max_epochs:
+            return True
+        return p.step % train.valid_every == 0 if train.valid_every else end_of_epoch
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.train.checkpoint_every
+        return bool(every) and self.progress.step % every == 0
+
+    def _validate_and_save(self, log: _TrainingLog, bar: tqdm) -> None:
+        """Validate, tell the schedule, log a metrics line, save (best.pt too if improved)."""
+        p = self.progress
+        log.flush(p)
+        started = time.monotonic()
+        train_loss = p.window_loss / max(p.window_tokens, 1)
+        result = self.validate()
+        log.validation_seconds += time.monotonic() - started
+        improved = result["valid_loss"] < p.best_valid_loss
+        if improved:
+            p.best_valid_loss, p.best_step, p.validations_since_best = result["valid_loss"], p.step, 0
+        else:
+            p.validations_since_best += 1
+        self.schedule.validated(p.step, result["valid_loss"])
+        record = {"step": p.step, "epoch": p.epoch, "train_loss": round(train_loss, 4), **result,
+                  "lr": self.schedule.lr, "elapsed_s": round(started - log.start, 1),
+                  "best": improved}
+        if p.nonfinite_steps:
+            record["nonfinite_steps"] = p.nonfinite_steps
+        if self.world.is_main:
+            self._write_metrics(record, bar)
+        p.window_loss, p.window_tokens = 0.0, 0
+        self.save(best=improved, validation=True)
+        log.restart_speed()
+
+    def _write_metrics(self, record: dict[str, Any], bar: tqdm) -> None:
+        """Append a validation's record to metrics.jsonl and say it in one line."""
+        append_text(self.run_dir / "metrics.jsonl", json.dumps(record) + "\n",
+                    then=f"resume with: tinyt train --resume {self.run_dir}")
+        bleu = f", bleu {record['valid_bleu']:.2f}" if "valid_bleu" in record else ""
+        message = (f"step {record['step']} epoch {record['epoch']}: valid loss "
+                   f"{record['valid_loss']:.3f}, ppl {record['valid_ppl']:.2f}{bleu}"
+                   + (" (best)" if record["best"] else ""))
+        (bar.write if self.progress_bars else print)(message)
 
     def _epoch_batches(self, epoch: int) -> tuple[Iterator[Any], int | None]:
         """The epoch's batches in training order, the same on every rank, and their number
@@ -535,112 +508,6 @@ class Trainer:
             batches = [b.pin_memory().to(self.device, non_blocking=True) for b in batches]
         return batches
 
-    def _validate_and_save(self, start: float, stop_reason: str | None, bar) -> str | None:
-        """Validate, log a metrics line, step the plateau schedule, save; returns a reason to
-        stop early, if any."""
-        tc = self.config.train
-        p = self.progress
-        validation_start = time.monotonic()
-        elapsed = validation_start - start
-        train_loss = p.window_loss / max(p.window_tokens, 1)
-        result = self.validate()
-        self._validation_seconds += time.monotonic() - validation_start
-        improved = result["valid_loss"] < p.best_valid_loss
-        if improved:
-            p.best_valid_loss, p.best_step, p.validations_since_best = result["valid_loss"], p.step, 0
-        else:
-            p.validations_since_best += 1
-        if _warmup_lr(self.config, p.step) is None:
-            self.scheduler.step(result["valid_loss"])
-        record = {"step": p.step, "epoch": p.epoch, "train_loss": round(train_loss, 4), **result,
-                  "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1),
-                  "best": improved}
-        if p.nonfinite_steps:
-            record["nonfinite_steps"] = p.nonfinite_steps
-        if self.world.is_main:
-            append_text(self.run_dir / "metrics.jsonl", json.dumps(record) + "\n",
-                        then=f"resume with: tinyt train --resume {self.run_dir}")
-            bleu = f", bleu {result['valid_bleu']:.2f}" if "valid_bleu" in result else ""
-            message = (f"step {p.step} epoch {p.epoch}: valid loss {result['valid_loss']:.3f}, "
-                       f"ppl {result['valid_ppl']:.2f}{bleu}" + (" (best)" if improved else ""))
-            (bar.write if self.progress_bars else print)(message)
-        p.window_loss, p.window_tokens = 0.0, 0
-        self.save(best=improved, validation=True)
-        if stop_reason is None and tc.early_stopping and p.validations_since_best >= tc.early_stopping:
-            return f"no improvement in {tc.early_stopping} validations (train.early_stopping)"
-        return None
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines after `step`: a run killed between logging a validation and saving
-    its checkpoint redoes that validation on resume and must not log it twice."""
-    if not path.is_file():
-        return
-    kept = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:  # tinyt writes ASCII JSON: this is damage, not a kill
-            raise TinytError(f"{path} line {number} is not UTF-8 text (the file is damaged); "
-                             "delete that line, then resume") from None
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by the kill
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-# What a resumed run may not change: the model's shape, the vocabulary and which pairs it trains
-# on. Limits, schedule, decoding and where the data lives (data.dir) may change with --set.
-_DATA_KEYS_FREE_ON_RESUME = ("dir", "num_proc", "stream_buffer")
-
-
-def _changed_on_resume(saved: dict[str, Any], config: Config) -> list[str]:
-    """Keys of `config` that differ from the checkpoint's config in what a resume must keep.
-    A key the checkpoint's config lacks came with a later tinyt: the run used its default."""
-    now = config.to_dict()
-    changed = []
-    for section in ("model", "tokenizer", "data"):
-        before = saved.get(section, {})
-        for key in sorted(set(now[section]) & set(before)):
-            if section == "data" and key in _DATA_KEYS_FREE_ON_RESUME:
-                continue
-            if now[section][key] != before[key]:
-                changed.append(f"{section}.{key}")
-    return changed
-
-
-def check_resumable(config: Config) -> dict[str, Any]:
-    """Everything a resume needs, checked before anything is written: last.pt loads, the
-    config keeps the model, vocabulary and data it was trained with, and the tokenizer that
-    wrote the checkpoint is still there. Returns last.pt's payload."""
-    run_dir = Path(config.run_dir)
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        raise TinytError(f"cannot resume: {last} does not exist (a run saves it at its first "
-                         "validation or train.checkpoint_every); start over with --overwrite")
-    payload = load_checkpoint(last)
-    changed = _changed_on_resume(payload.get("config", {}), config)
-    if changed:
-        raise TinytError(f"cannot resume {run_dir} with {', '.join(changed)} changed: last.pt was "
-                         "trained with other values; resume without changing them, or start a "
-                         "new run (--run-dir, or --overwrite)")
-    tokenizers = Tokenizers.load(run_dir / "tokenizer")
-    if payload.get("tokenizer_fingerprint") != tokenizers.fingerprint:
-        raise TinytError(f"{last} was trained with another vocabulary than {run_dir / 'tokenizer'};"
-                         " restore the run's original tokenizer/ folder, or start over")
-    return payload
-
-
-def _clear_trained_state(run_dir: Path) -> None:
-    """--overwrite: remove the old run's results (the tokenizer is kept, and reused when the
-    new config and data would train the same one)."""
-    for name in TRAINED_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for old in run_dir.glob("ckpt-*.pt"):
-        old.unlink()
-    shutil.rmtree(run_dir / "translations", ignore_errors=True)
 
 
 def train(config: Config, overwrite: bool = False, resume: bool = False,
@@ -678,17 +545,6 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
     run_dir = Path(config.run_dir)
     cache = run_dir / "cache"
 
-    # Check everything before anything is written, so a refused start changes nothing.
-    def check_run_dir():
-        remove_stale_temporaries(run_dir)
-        if resume:
-            check_resumable(config)
-            return
-        held = trained_artefacts(run_dir)
-        if held and not overwrite:
-            raise TinytError(f"run directory {run_dir} already holds a run ({', '.join(held[:4])}"
-                             f"{', …' if len(held) > 4 else ''}); pass --resume to continue it, "
-                             "--overwrite to start over, or --run-dir for a new one")
 
     # Open every split before anything else, so a data problem costs no training time. The
     # training split stays on disk (memory-mapped Arrow) or, streaming, is read as needed.
@@ -701,7 +557,9 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
         return corpus, valid
 
     def check_and_open():  # rank 0; the others open the data once it has
-        check_run_dir()
+        # Check everything before anything is written, so a refused start changes nothing.
+        remove_stale_temporaries(run_dir)
+        check_can_train(config, resume, overwrite)
         return open_data()
 
     try:
@@ -717,7 +575,7 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
             tokenizers = saved_tokenizers(config.tokenizer, src, tgt, run_dir / "tokenizer")
         else:
             if overwrite:
-                _clear_trained_state(run_dir)
+                clear_trained_state(run_dir)
             tokenizers = train_or_load(config.tokenizer, src, tgt, run_dir / "tokenizer", tc.seed)
         save_config(config, run_dir / "config.yaml")
         del src, tgt
@@ -739,7 +597,7 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
     if resume:
         trainer.restore(run_dir / "last.pt")
         if world.is_main:
-            _trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
+            trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     summary = trainer.train()
     summary.update(
         parameters=trainer.model.num_parameters(), device=str(trainer.device),
