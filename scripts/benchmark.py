@@ -10,6 +10,9 @@ Decoding: greedy and beam search over the validation split, and a full `tinyt ev
 pass (loss + beam search + BLEU) over the test split. Decoding uses the weights of `--run` when
 given (a trained model stops at realistic lengths); without one, it uses the briefly trained
 benchmark model, whose hypotheses mostly run to the length limit (a pessimistic number).
+Bound: the machine's own matrix-multiply throughput at the model's linear-layer shapes (fp32,
+and bf16 on a GPU or a CPU with bf16 instructions), timed in the same run, and training's
+achieved FLOP/s as a share of it, so numbers from different machines compare.
 Memory: peak resident set size of the process; on CUDA also peak GPU memory and the achieved
 TFLOP/s of training, counted from the model's shapes (padded positions included).
 Engines (with --run, when CTranslate2 is installed): the run's best.pt decoded over the whole
@@ -50,6 +53,49 @@ def forward_flops(m: ModelConfig, vocab: int, batch: int, src_len: int, tgt_len:
     dec_cross = t_tok * 4 * d * d + s_tok * 4 * d * d + 4 * t_tok * src_len * d
     dec = m.dec_layers * (dec_self + dec_cross + t_tok * 4 * d * f)
     return enc + dec + t_tok * 2 * d * vocab
+
+
+def linear_shapes(m: ModelConfig, vocab: int) -> list[tuple[int, int, int]]:
+    """(in, out, how many) of every linear layer a training step runs, encoder and decoder:
+    the matrix multiplies that dominate its FLOPs (attention's own products are left out)."""
+    d, f = m.d_model, m.d_ff
+    encoder = [(d, 3 * d, 1), (d, d, 1), (d, f, 1), (f, d, 1)]
+    decoder = [(d, 3 * d, 1), (d, d, 3), (d, 2 * d, 1), (d, f, 1), (f, d, 1)]  # self, cross
+    shapes = [(i, o, n * m.enc_layers) for i, o, n in encoder]
+    shapes += [(i, o, n * m.dec_layers) for i, o, n in decoder]
+    return shapes + [(d, vocab, 1)]
+
+
+def gemm_bound_gflops(m: ModelConfig, vocab: int, tokens: int, dtype: torch.dtype,
+                      device: torch.device, repeats: int = 3) -> float:
+    """This machine's matrix-multiply throughput (GFLOP/s) at the training step's own shapes,
+    in `dtype`: each linear layer's forward product (tokens, in) @ (in, out) and its two
+    backward ones (the input's and the weight's gradients), weighted by how often a step does
+    them. The speed a training step could reach if it did nothing but its matrix multiplies:
+    the bound its achieved TFLOP/s is a share of."""
+    total_flops = total_seconds = 0.0
+    for n_in, n_out, count in linear_shapes(m, vocab):
+        x = torch.randn(tokens, n_in, device=device, dtype=dtype)
+        w = torch.randn(n_in, n_out, device=device, dtype=dtype)
+        dy = torch.randn(tokens, n_out, device=device, dtype=dtype)
+        products = [lambda: x @ w, lambda: dy @ w.T, lambda: x.T @ dy]
+        for product in products:
+            product()  # warm-up: first-call costs (allocation, kernel choice) are not the bound
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for product in products:
+                product()
+        sync(device)
+        total_seconds += (time.perf_counter() - start) * count
+        total_flops += repeats * len(products) * 2 * tokens * n_in * n_out * count
+    return total_flops / total_seconds / 1e9
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), as torch sees it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def sync(device: torch.device) -> None:
@@ -258,6 +304,22 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name(trainer.device)
     print(f"training {args.warmup_steps}+{args.train_steps} steps ...", file=sys.stderr)
     results.update(bench_training(config, trainer, args.warmup_steps, args.train_steps))
+    print("measuring the machine's matrix-multiply bound at the model's shapes ...",
+          file=sys.stderr)
+    bound_dtypes = [torch.float32]
+    if trainer.device.type == "cuda" or cpu_has_native_bf16():
+        bound_dtypes.append(torch.bfloat16)
+    for dtype in bound_dtypes:
+        name = str(dtype).removeprefix("torch.")
+        results[f"gemm_bound_gflops_{name}"] = round(gemm_bound_gflops(
+            config.model, tokenizers.tgt_vocab_size, config.train.batch_tokens, dtype,
+            trainer.device), 1)
+    # Training's share of the bound of the precision it ran in (autocast: bf16's).
+    trained_in = "bfloat16" if trainer.amp == torch.bfloat16 else "float32"
+    bound = results.get(f"gemm_bound_gflops_{trained_in}")
+    if bound:
+        results["train_share_of_gemm_bound"] = round(
+            results["train_achieved_tflops"] * 1000 / bound, 3)
 
     if args.run:
         run_config, run_tokenizers, model, _ = load_trained(args.run)
@@ -308,6 +370,11 @@ def main() -> None:
         ("padding share (src/tgt)",
          f"{results['padding_share_src']:.1%} / {results['padding_share_tgt']:.1%}"),
         ("training TFLOP/s", results["train_achieved_tflops"]),
+        ("matmul bound GFLOP/s (fp32" + (", bf16)" if "gemm_bound_gflops_bfloat16" in results
+                                         else ")"),
+         " / ".join(str(results[k]) for k in ("gemm_bound_gflops_float32",
+                                              "gemm_bound_gflops_bfloat16") if k in results)),
+        ("training share of that bound", f"{results.get('train_share_of_gemm_bound', 0):.0%}"),
         ("greedy sentences/s (tokens/s)",
          f"{results['greedy_sentences_per_s']} ({results['greedy_tokens_per_s']})"),
         ("beam-5 sentences/s (tokens/s)",
