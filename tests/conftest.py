@@ -163,3 +163,27 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+
+
+def train_overfit_run(data_dir: Path, run_dir: Path, d_model: int, layers: int,
+                      steps: int) -> Path:
+    """Train the tiny config, widened to `d_model` (FFN 2 x d_model) with `layers` encoder and
+    decoder layers and no dropout, for `steps` updates over the small corpus's 200 training
+    pairs: long enough to translate them. Returns the run directory."""
+    from tinyt.config import config_from_dict
+    from tinyt.training import train
+
+    raw = make_tiny_config(data_dir, run_dir)
+    raw["model"].update(d_model=d_model, d_ff=2 * d_model, enc_layers=layers,
+                        dec_layers=layers, dropout=0.0)
+    raw["train"].update(max_epochs=200, max_steps=steps, valid_every=steps, valid_bleu=False,
+                        batch_tokens=1024, lr=0.003)
+    train(config_from_dict(raw), progress_bars=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def overfit_run():
+    """`overfit_run(data_dir, run_dir, d_model, layers, steps) -> run_dir`: see
+    `train_overfit_run`, for module-scoped fixtures of a small trained model."""
+    return train_overfit_run

@@ -75,14 +75,10 @@ def assert_same_scores(run: Path, export: Path, src: list[str], tgt: list[str],
 # -- one trained model, exported once --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(module_small_corpus, tiny_config_for, tmp_path_factory) -> Path:
+def trained(module_small_corpus, overfit_run, tmp_path_factory) -> Path:
     """A small model trained long enough on the 200 training pairs to translate them."""
-    raw = tiny_config_for(module_small_corpus, tmp_path_factory.mktemp("ct2") / "run")
-    raw["model"].update(d_model=128, d_ff=256, enc_layers=2, dec_layers=2, dropout=0.0)
-    raw["train"].update(max_epochs=200, max_steps=300, valid_every=300, valid_bleu=False,
-                        batch_tokens=1024, lr=0.003)
-    train(config_from_dict(raw), progress_bars=False)
-    return Path(raw["run_dir"])
+    return overfit_run(module_small_corpus, tmp_path_factory.mktemp("ct2") / "run",
+                       d_model=128, layers=2, steps=300)
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,16 @@ def friendly_errors(command):
 
 SET_HELP = "Override a config value, e.g. --set train.lr=0.001 (repeatable; YAML values)."
 
+# Options several commands share, declared once so their flags and help read the same everywhere.
+RUN_OPTION = typer.Option(None, "--run", help="Run directory (default: latest).")
+CHECKPOINT_OPTION = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run.")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+SET_OPTION = typer.Option(None, "--set", help=SET_HELP)
+OUTPUT_OPTION = typer.Option(None, "--output", "-o", help="Write here.")
+MODEL_OPTION = typer.Option(
+    None, "--model", "-m",
+    help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run.")
+
 
 def _version(value: bool) -> None:
     if value:
@@ -176,7 +186,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start an existing run over."),
     max_minutes: Optional[float] = typer.Option(
         None, "--max-minutes", help="Wall-clock training budget (overrides train.max_minutes)."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: Optional[List[str]] = SET_OPTION,
 ) -> None:
     """Train a model from a YAML config.
 
@@ -236,18 +246,16 @@ def train(
 @app.command()
 @friendly_errors
 def evaluate(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     split: str = typer.Option("test", "--split", help="train, valid, test or a split name."),
     beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
                                        help="Beam size (1: greedy)."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
-    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
+    checkpoint: str = CHECKPOINT_OPTION,
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    model_file: Optional[Path] = typer.Option(
-        None, "--model", "-m",
-        help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run."),
+    device: str = DEVICE_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    model_file: Optional[Path] = MODEL_OPTION,
 ) -> None:
     """Loss, perplexity, BLEU and chrF of a trained run on a split.
 
@@ -340,73 +348,42 @@ def _stdin_lines():
 
 
 def stream_translations(translator, lines, out, beam: Optional[int],
-                        length_penalty: Optional[float]) -> None:
+                        length_penalty: Optional[float], nbest: Optional[int] = None,
+                        scores: bool = False, output_format: str = "text") -> None:
     """Translate each line as soon as it arrives and write it at once (interactive use)."""
-    for line in lines:
-        out.write(translator.translate([line], beam_size=beam, length_penalty=length_penalty)[0]
-                  + "\n")
+    for index, line in enumerate(lines):
+        if nbest is None and not scores and output_format == "text":
+            out.write(translator.translate([line], beam_size=beam,
+                                           length_penalty=length_penalty)[0] + "\n")
+        else:
+            hyps = translator.translate_nbest([line], nbest or 1, beam_size=beam,
+                                              length_penalty=length_penalty)[0]
+            out.write(format_hypotheses(index, hyps, output_format, scores))
         out.flush()
 
 
-@app.command()
-@friendly_errors
-def translate(
-    text: Optional[List[str]] = typer.Argument(
-        None, help="Sentences to translate; '-' (or nothing, with piped input) reads stdin."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
-                                       help="Beam size (1: greedy)."),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
-    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="File to translate."),
-    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here."),
-    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    model_file: Optional[Path] = typer.Option(
-        None, "--model", "-m",
-        help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run."),
-) -> None:
-    """Translate sentences, one output line per input line.
+OUTPUT_FORMATS = ("text", "tsv", "jsonl")
 
-    Sentences come from the arguments, --input FILE, or stdin ('-' or a pipe). Typed at a
-    terminal, each line is translated as soon as it is entered.
 
-    Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
-    """
-    from tinyt.translation import Translator
-    from tinyt.writing import atomic_write_text, check_writable_dir, writing
+def format_hypotheses(index: int, hyps: list[tuple[str, float]], output_format: str,
+                      scores: bool) -> str:
+    """The lines `tinyt translate` writes for input `index` (from 0) and its scored
+    hypotheses, best first: text, one a line ("score<TAB>text" with `scores`); tsv,
+    "index<TAB>rank<TAB>score<TAB>text" a hypothesis (rank from 1); jsonl, one object."""
+    if output_format == "jsonl":
+        return json.dumps({"index": index, "hypotheses": [
+            {"text": text, "score": round(score, 6)} for text, score in hyps]},
+            ensure_ascii=False) + "\n"
+    if output_format == "tsv":
+        return "".join(f"{index}\t{rank}\t{score:.4f}\t{text}\n"
+                       for rank, (text, score) in enumerate(hyps, start=1))
+    return "".join((f"{score:.4f}\t{text}\n" if scores else text + "\n") for text, score in hyps)
 
-    if input_file is not None and text:
-        raise TinytError("give either sentences or --input FILE, not both")
-    if input_file is not None and not input_file.is_file():
-        raise TinytError(f"input file {input_file} does not exist")
-    if output_file is not None and output_file.is_dir():
-        raise TinytError(f"--output {output_file} is a folder; pass a file path")
-    if output_file is not None and not output_file.exists():
-        check_writable_dir(output_file.parent, create=False)  # before translating, not after
-    interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
-    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
-                                                          device)
-    translator = (model if isinstance(model, Translator)  # a CTranslate2 export's
-                  else Translator(model, tokenizers, config.decoding, _device(device),
-                                  config.train.amp))
-    if interactive:
-        typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)
-        stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty)
-        return
-    if input_file is not None:
-        try:
-            with open(input_file, "rb") as f:
-                lines = _read_text_lines(f)
-        except OSError as exc:
-            raise TinytError(f"cannot read {input_file}: {exc.strerror or exc}") from None
-    elif text and text != ["-"]:
-        lines = [_argument_text(sentence) for sentence in text]
-    else:
-        lines = _read_text_lines(sys.stdin.buffer)
-    outputs = translator.translate(lines, beam_size=beam, length_penalty=length_penalty,
-                                   progress=len(lines) > 100)
-    body = "".join(line + "\n" for line in outputs)
+
+def _write_output(output_file: Optional[Path], body: str) -> None:
+    """`body` into `output_file` (replaced whole) or, without one, to stdout."""
+    from tinyt.writing import atomic_write_text, writing
+
     if output_file is not None and (output_file.is_symlink() or (
             output_file.exists() and not output_file.is_file())):
         # a link (/dev/stdout), device or pipe: written into, not replaced by a new file
@@ -420,10 +397,172 @@ def translate(
         sys.stdout.flush()
 
 
+def _check_output_file(output_file: Optional[Path]) -> None:
+    """Refuse an --output that cannot be written, before the work rather than after."""
+    from tinyt.writing import check_writable_dir
+
+    if output_file is not None and output_file.is_dir():
+        raise TinytError(f"--output {output_file} is a folder; pass a file path")
+    if output_file is not None and not output_file.exists():
+        check_writable_dir(output_file.parent, create=False)
+
+
+def _read_lines_file(path: Path, option: str) -> list[str]:
+    if not path.is_file():
+        raise TinytError(f"{option} file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return _read_text_lines(f)
+    except OSError as exc:
+        raise TinytError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@app.command()
+@friendly_errors
+def translate(
+    text: Optional[List[str]] = typer.Argument(
+        None, help="Sentences to translate; '-' (or nothing, with piped input) reads stdin."),
+    run: Optional[Path] = RUN_OPTION,
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
+                                       help="Beam size (1: greedy)."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="File to translate."),
+    output_file: Optional[Path] = OUTPUT_OPTION,
+    checkpoint: str = CHECKPOINT_OPTION,
+    device: str = DEVICE_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    model_file: Optional[Path] = MODEL_OPTION,
+    nbest: Optional[int] = typer.Option(
+        None, "--nbest", "-n", min=1, max=MAX_BEAM_SIZE,
+        help="Write the K best translations of each input, best first (K lines an input in "
+             "text); at most --beam. Example: tinyt translate --beam 5 --nbest 3 --scores "
+             "\"Ein Hund läuft.\""),
+    scores: bool = typer.Option(
+        False, "--scores",
+        help="Prefix each text line with its score and a tab: the log-probability (<eos> "
+             "included) / length ** length_penalty that beam search ranks by. Example: tinyt "
+             "translate --scores \"Ein Hund läuft.\""),
+    output_format: str = typer.Option(
+        "text", "--format", "-f",
+        help="text (a line a translation), tsv (input_index, rank, score, text) or jsonl (an "
+             "object an input: index, hypotheses with text and score). Example: tinyt "
+             "translate --nbest 3 --beam 5 --format jsonl -i sentences.de"),
+) -> None:
+    """Translate sentences, one output line per input line.
+
+    Sentences come from the arguments, --input FILE, or stdin ('-' or a pipe). Typed at a
+    terminal, each line is translated as soon as it is entered. --nbest K writes the K best
+    translations of each input, best first; --scores and --format tsv/jsonl add their scores.
+
+    Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
+
+    Example: tinyt translate --beam 5 --nbest 3 --format tsv -i sentences.de -o nbest.tsv
+    """
+    from tinyt.translation import Translator
+
+    if input_file is not None and text:
+        raise TinytError("give either sentences or --input FILE, not both")
+    if input_file is not None and not input_file.is_file():
+        raise TinytError(f"input file {input_file} does not exist")
+    if output_format not in OUTPUT_FORMATS:
+        raise TinytError(f"--format {output_format} is not an output format; use one of "
+                         f"{', '.join(OUTPUT_FORMATS)}")
+    _check_output_file(output_file)  # before translating, not after
+    interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
+    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
+                                                          device)
+    translator = (model if isinstance(model, Translator)  # a CTranslate2 export's
+                  else Translator(model, tokenizers, config.decoding, _device(device),
+                                  config.train.amp))
+    beam_size = config.decoding.beam_size if beam is None else beam
+    if nbest is not None and nbest > beam_size:
+        raise TinytError(f"--nbest {nbest} needs a beam of at least {nbest}, and the beam is "
+                         f"{beam_size}; raise --beam to {nbest} or more")
+    plain = nbest is None and not scores and output_format == "text"
+    if interactive:
+        typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)
+        stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty,
+                            nbest, scores, output_format)
+        return
+    if input_file is not None:
+        try:
+            with open(input_file, "rb") as f:
+                lines = _read_text_lines(f)
+        except OSError as exc:
+            raise TinytError(f"cannot read {input_file}: {exc.strerror or exc}") from None
+    elif text and text != ["-"]:
+        lines = [_argument_text(sentence) for sentence in text]
+    else:
+        lines = _read_text_lines(sys.stdin.buffer)
+    if plain:
+        outputs = translator.translate(lines, beam_size=beam, length_penalty=length_penalty,
+                                       progress=len(lines) > 100)
+        body = "".join(line + "\n" for line in outputs)
+    else:
+        nbests = translator.translate_nbest(lines, nbest or 1, beam_size=beam,
+                                            length_penalty=length_penalty,
+                                            progress=len(lines) > 100)
+        body = "".join(format_hypotheses(i, hyps, output_format, scores)
+                       for i, hyps in enumerate(nbests))
+    _write_output(output_file, body)
+
+
+@app.command()
+@friendly_errors
+def score(
+    source: Path = typer.Option(..., "--source", "-s", help="Source sentences, one a line."),
+    target: Path = typer.Option(..., "--target", "-t",
+                                help="Their translations to score, one a line."),
+    run: Optional[Path] = RUN_OPTION,
+    tokens: bool = typer.Option(
+        False, "--tokens",
+        help="Also write each token's log-probability and the target's pieces (<eos> last). "
+             "Example: tinyt score --tokens -s test.de -t test.en"),
+    output_file: Optional[Path] = OUTPUT_OPTION,
+    checkpoint: str = CHECKPOINT_OPTION,
+    device: str = DEVICE_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    model_file: Optional[Path] = MODEL_OPTION,
+) -> None:
+    """Score given translations (forced decoding): log-probability of each target line given
+    its source line.
+
+    Writes one line a pair, "logprob<TAB>per_token_logprob<TAB>tokens": the sum of the
+    teacher-forced log-probabilities of the target's tokens and of <eos>, that sum over the
+    token count, and the count (<eos> included, so an empty target scores <eos> alone). With
+    --tokens, two more columns: the tokens' log-probabilities and the pieces, space-separated.
+
+    Example: tinyt score --run runs/multi30k_de_en --source test.de --target test.en
+    """
+    from tinyt.tokenizer import EOS_ID
+    from tinyt.translation import Translator
+
+    sources = _read_lines_file(source, "--source")
+    targets = _read_lines_file(target, "--target")
+    if len(sources) != len(targets):
+        raise TinytError(f"--source {source} has {len(sources)} lines but --target {target} "
+                         f"has {len(targets)}; give one target line a source line")
+    _check_output_file(output_file)
+    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
+                                                          device)
+    scorer = (model if isinstance(model, Translator)  # a CTranslate2 export's
+              else Translator(model, tokenizers, config.decoding, _device(device),
+                              config.train.amp))
+    lines = []
+    for ids, logps in scorer.score(sources, targets):
+        total = sum(logps)
+        line = f"{total:.6f}\t{total / len(logps):.6f}\t{len(logps)}"
+        if tokens:
+            pieces = [tokenizers.tgt.id_to_piece(i) for i in ids + [EOS_ID]]
+            line += "\t" + " ".join(f"{x:.6f}" for x in logps) + "\t" + " ".join(pieces)
+        lines.append(line + "\n")
+    _write_output(output_file, "".join(lines))
+
+
 @app.command()
 @friendly_errors
 def plot(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="PNG to write (default: RUN/curves.png)."),
 ) -> None:
@@ -441,14 +580,14 @@ def plot(
 @friendly_errors
 def attention(
     sentence: str = typer.Argument(..., help="Source sentence to translate and picture."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="PNG to write (default: RUN/attention.png)."),
     layer: int = typer.Option(-1, "--layer", help="Decoder layer from 0; negative: from the end."),
     head: int = typer.Option(0, "--head", help="Attention head, from 0."),
     beam: int = typer.Option(1, "--beam", min=1, max=MAX_BEAM_SIZE,
                               help="Beam size of the translation (1: greedy)."),
-    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in the run."),
+    checkpoint: str = CHECKPOINT_OPTION,
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Translate one sentence and draw a decoder layer/head's cross- and self-attention.
@@ -485,7 +624,7 @@ def _load_config_with_overrides(path: Path, overrides: Optional[List[str]]):
 @friendly_errors
 def config_validate(
     path: Path = typer.Argument(..., help="YAML config file."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: Optional[List[str]] = SET_OPTION,
 ) -> None:
     """Check a config file (types, values, data folder) without training.
 
@@ -499,7 +638,7 @@ def config_validate(
 @friendly_errors
 def config_show(
     path: Path = typer.Argument(..., help="YAML config file."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: Optional[List[str]] = SET_OPTION,
 ) -> None:
     """Print the fully resolved config: every key, defaults included, overrides applied.
 
@@ -515,7 +654,7 @@ def config_show(
 @app.command()
 @friendly_errors
 def export(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     output: Path = typer.Option(
         ..., "--output", "-o",
         help="Bundle file (e.g. model.tinyt), or folder for --format ctranslate2."),
@@ -561,7 +700,7 @@ def export(
 @app.command()
 @friendly_errors
 def average(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     n: int = typer.Option(5, "-n", "--last", min=1, help="How many of the newest ckpt-STEP.pt."),
     output: str = typer.Option("averaged.pt", "--output", "-o",
                                help="File name of the average, inside the run directory."),
@@ -585,7 +724,7 @@ def average(
 @app.command()
 @friendly_errors
 def info(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[Path] = RUN_OPTION,
     model: Optional[Path] = typer.Option(None, "--model", "-m",
                                          help="Model bundle file or CTranslate2 folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

@@ -358,6 +358,24 @@ class CTranslate2Translator(Translator):
         in groups of equal limit.
         """
         beam, penalty = self.search_settings(beam_size, length_penalty)
+        return [hyps[0][0] for hyps in self._decode_limited(src_ids, beam, penalty, progress)]
+
+    def translate_nbest_ids(self, src_ids: list[list[int]], nbest: int,
+                            beam_size: int | None = None, length_penalty: float | None = None,
+                            progress: bool = False) -> list[list[tuple[list[int], float]]]:
+        """As `Translator.translate_nbest_ids`, decoded by CTranslate2 (`num_hypotheses`,
+        `return_scores`): its scores are tinyt's, the log-probability with <eos> over length
+        ** length_penalty with <eos> counted, when searched as `_search` searches."""
+        beam, penalty = self.search_settings(beam_size, length_penalty)
+        if not 1 <= nbest <= beam:
+            raise TinytError(f"{nbest} best hypotheses need a beam of at least {nbest} (the "
+                             f"beam is {beam}); raise the beam size")
+        return [hyps[:nbest] for hyps in self._decode_limited(src_ids, beam, penalty, progress)]
+
+    def _decode_limited(self, src_ids: list[list[int]], beam: int, penalty: float,
+                        progress: bool) -> list[list[tuple[list[int], float]]]:
+        """Each source's K hypotheses as (ids without <eos>, score), best first, in input
+        order, each sentence under its own length limit (see `translate_ids`)."""
         src_ids = self.fit_to_positions(src_ids)
         lengths = torch.tensor([len(ids) + 1 for ids in src_ids])  # with <eos>, as tinyt counts
         # (N,) CTranslate2's max_decoding_length of each sentence; 0 (a tinyt limit of 1, room
@@ -365,9 +383,14 @@ class CTranslate2Translator(Translator):
         limits = (output_length_limits(lengths, self.decoding.max_len_ratio,
                                        self.decoding.max_len_offset, self.max_positions - 1)
                   - 1).tolist()
-        results: list[list[int]] = [[] for _ in src_ids]
+        results: list[list[tuple[list[int], float]]] = [[] for _ in src_ids]
         todo = sorted((i for i in range(len(src_ids)) if limits[i] > 0),
                       key=lambda i: len(src_ids[i]))
+        # An empty output is <eos> alone: its score is the log-probability of <eos> first.
+        empty = [i for i in range(len(src_ids)) if limits[i] <= 0]
+        for i, logp in zip(empty, self.token_log_probs([src_ids[i] for i in empty],
+                                                       [[] for _ in empty])):
+            results[i] = [([], logp[0])]
         bar = tqdm(total=len(src_ids), desc=f"decoding (CTranslate2, beam {beam})",
                    unit="sent", leave=False, disable=not progress, dynamic_ncols=True)
         bar.update(len(src_ids) - len(todo))
@@ -378,32 +401,38 @@ class CTranslate2Translator(Translator):
             outputs = self._search([src_ids[i] for i in members], beam, penalty,
                                    max(limits[i] for i in members))
             for i, hypotheses in zip(members, outputs):
-                if max(map(len, hypotheses)) < limits[i]:
-                    results[i] = self._output_ids(hypotheses[0])
+                if max(len(pieces) for pieces, _ in hypotheses) < limits[i]:
+                    results[i] = self._output_hypotheses(hypotheses)
                 else:
                     redo[limits[i]].append(i)
             bar.update(len(members))
         for limit, members in redo.items():
             outputs = self._search([src_ids[i] for i in members], beam, penalty, limit)
             for i, hypotheses in zip(members, outputs):
-                results[i] = self._output_ids(hypotheses[0])
+                results[i] = self._output_hypotheses(hypotheses)
         bar.close()
         return results
 
     def _search(self, src_ids: list[list[int]], beam: int, penalty: float, limit: int
-                ) -> list[list[list[str]]]:
-        """CTranslate2's K best hypotheses (pieces, best first, <eos> kept where there is
-        one) for each source, searched as tinyt searches: <eos> counted in the length
+                ) -> list[list[tuple[list[str], float]]]:
+        """CTranslate2's K best hypotheses as (pieces, score), best first, <eos> kept where
+        there is one, for each source, searched as tinyt searches: <eos> counted in the length
         penalty, an empty output allowed, no input cut (tinyt cuts to its positions)."""
         outputs = self.engine.translate_batch(
             self._pieces(src_ids), max_batch_size=self.batch_size, beam_size=beam,
             num_hypotheses=beam, length_penalty=penalty, return_end_token=True,
-            max_decoding_length=limit, min_decoding_length=0, max_input_length=0)
-        return [output.hypotheses for output in outputs]
+            max_decoding_length=limit, min_decoding_length=0, max_input_length=0,
+            return_scores=True)
+        return [list(zip(output.hypotheses, output.scores)) for output in outputs]
 
-    def _output_ids(self, pieces: list[str]) -> list[int]:
-        ids = self._ids(pieces)
-        return ids[:-1] if ids and ids[-1] == EOS_ID else ids
+    def _output_hypotheses(self, hypotheses: list[tuple[list[str], float]]
+                           ) -> list[tuple[list[int], float]]:
+        """(pieces, score) pairs as (ids without <eos>, score) pairs."""
+        out = []
+        for pieces, score in hypotheses:
+            ids = self._ids(pieces)
+            out.append((ids[:-1] if ids and ids[-1] == EOS_ID else ids, float(score)))
+        return out
 
     def token_log_probs(self, src_ids: list[list[int]], tgt_ids: list[list[int]],
                         batch_size: int = 64) -> list[list[float]]:
@@ -411,6 +440,7 @@ class CTranslate2Translator(Translator):
         (len(tgt) + 1 numbers a pair), as CTranslate2 computes them."""
         if not src_ids:
             return []
+        # CTranslate2 scores an empty target as <eos> alone, as tinyt does.
         outputs = self.engine.score_batch(
             self._pieces(src_ids), [self.tokenizers.tgt.id_to_piece(ids) for ids in tgt_ids],
             max_batch_size=batch_size, max_input_length=0)

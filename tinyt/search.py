@@ -4,6 +4,10 @@ Both work on a batch of source sentences at once and use the model's incremental
 (`start_decoding` / `decode_step`), which caches decoder self-attention keys/values and computes
 cross-attention keys/values once per sentence. A sentence whose search is over leaves the batch,
 so finished work is never recomputed. Results are token ids without <bos>/<eos>.
+
+`nbest_search` gives, with the same search, each sentence's best finished hypotheses and their
+scores: length-normalised log-probabilities, sum of token log-probs (<eos> included) / length **
+length_penalty, length counting <eos>. That is the score beam search ranks hypotheses by.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 
 import torch
 
+from tinyt.errors import TinytError
 from tinyt.model import Transformer
 from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -32,26 +37,41 @@ def output_length_limits(src_len: torch.Tensor, ratio: float, offset: int, cap: 
 def greedy_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
                   use_cache: bool = True) -> list[list[int]]:
     """Most probable next token at every step. src: (B, S); max_len: (B,)."""
+    return [tokens for tokens, _ in _scored_greedy(model, src, max_len, 1.0, use_cache)]
+
+
+def _scored_greedy(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
+                   length_penalty: float, use_cache: bool) -> list[tuple[list[int], float]]:
+    """Greedy search, with each result's score (as beam search scores its hypotheses).
+    src: (B, S); max_len: (B,). Returns B (tokens, score) pairs in batch order."""
     batch = src.size(0)
     state = model.start_decoding(src, use_cache=use_cache)
     prefix = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
     rows = torch.arange(batch, device=src.device)  # original sentence of each active row
     limit = max_len.to(src.device)
-    results: list[list[int]] = [[] for _ in range(batch)]
+    total = torch.zeros(batch, dtype=torch.float64, device=src.device)  # (b,) log-prob so far
+    results: list[tuple[list[int], float]] = [([], 0.0) for _ in range(batch)]
     for step in range(int(limit.max())):
-        next_token = model.decode_step(prefix, state).argmax(dim=-1)
+        logp = model.decode_step(prefix, state)  # (b, V)
+        next_token = logp.argmax(dim=-1)
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)
         done = (next_token == EOS_ID) | (limit <= step + 1)
+        if bool(done.any()):
+            length_norm = (step + 1) ** length_penalty
+            # A finished row ends in <eos>: chosen, or forced at the limit (so scored as <eos>).
+            final = total + logp[:, EOS_ID].double()
+            for r in done.nonzero().flatten().tolist():
+                # The last token is <eos>, or stands where the length limit forces <eos>: as in
+                # beam search, a hypothesis has at most max_len - 1 tokens before its <eos>.
+                results[int(rows[r])] = (prefix[r, 1:-1].tolist(),
+                                         float(final[r]) / length_norm)
+        total = total + logp.gather(1, next_token[:, None])[:, 0].double()
         if not bool(done.any()):
             continue
-        for r in done.nonzero().flatten().tolist():
-            # The last token is <eos>, or stands where the length limit forces <eos>: as in
-            # beam search, a hypothesis has at most max_len - 1 tokens before its <eos>.
-            results[int(rows[r])] = prefix[r, 1:-1].tolist()
         keep = (~done).nonzero().flatten()
         if keep.numel() == 0:
             break
-        prefix, rows, limit = prefix[keep], rows[keep], limit[keep]
+        prefix, rows, limit, total = prefix[keep], rows[keep], limit[keep], total[keep]
         state = state.select(keep)
     return results
 
@@ -69,6 +89,39 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor, be
     """
     if beam_size == 1:
         return greedy_search(model, src, max_len, use_cache=use_cache)
+    finished = _finished_hypotheses(model, src, max_len, beam_size, length_penalty, use_cache)
+    return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
+
+
+@torch.no_grad()
+def nbest_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor, beam_size: int,
+                 nbest: int, length_penalty: float = 1.0, use_cache: bool = True
+                 ) -> list[list[tuple[list[int], float]]]:
+    """The search `beam_search` does, giving each sentence's `nbest` best finished hypotheses
+    as (token ids without <bos>/<eos>, score), best first. src: (B, S); max_len: (B,).
+
+    The first hypothesis is always `beam_search`'s result (ties keep the order hypotheses
+    finished in, as its max() does). A sentence has at most `nbest`, and fewer when its search
+    finished fewer (a length limit reached before K beams were live). Beam 1 is greedy search:
+    one hypothesis. `nbest` above `beam_size` is a TinytError: beam search keeps only K.
+    """
+    if not 1 <= nbest <= beam_size:
+        raise TinytError(f"{nbest} best hypotheses need a beam of at least {nbest} (the beam "
+                         f"is {beam_size}); raise the beam size")
+    if beam_size == 1:
+        return [[hyp] for hyp in _scored_greedy(model, src, max_len, length_penalty, use_cache)]
+    finished = _finished_hypotheses(model, src, max_len, beam_size, length_penalty, use_cache)
+    # sorted() is stable: equal scores stay in finishing order, the first being max()'s pick.
+    return [[(tokens, score) for score, tokens in sorted(hyps, key=lambda h: -h[0])[:nbest]]
+            for hyps in finished]
+
+
+def _finished_hypotheses(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
+                         beam_size: int, length_penalty: float, use_cache: bool
+                         ) -> list[list[tuple[float, list[int]]]]:
+    """Beam search proper (beam_size >= 2): each sentence's finished hypotheses as (score,
+    token ids without <bos>/<eos>) in the order they finished: K, or more when several
+    finished at the step that brought it to K (at most 2K - 1), or fewer at a length limit."""
     batch, k = src.size(0), beam_size
     device = src.device
     state = model.start_decoding(src, use_cache=use_cache)
@@ -98,9 +151,13 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor, be
         final = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
         if bool(final.any()):
             length_norm = (step + 1) ** length_penalty
+            # Every hypothesis finished at the step that completes a sentence's K is kept (as
+            # CTranslate2 keeps them), so that n-best lists are the K best of those: the ones
+            # past the K-th are worse than the first of their step, so the best is the same.
+            open_ = [len(hyps) < k for hyps in finished]
             for row, j in final.nonzero().tolist():
                 sent = sentences[row]
-                if len(finished[sent]) < k:
+                if open_[sent]:
                     tokens = prefix[row * k + int(top_beam[row, j]), 1:].tolist()
                     finished[sent].append((float(top_scores[row, j]) / length_norm, tokens))
 
@@ -127,4 +184,4 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor, be
         prefix = torch.cat([prefix[rows], next_token[keep].reshape(-1, 1)], dim=1)
         scores = next_scores[keep]
 
-    return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
+    return finished

@@ -1,9 +1,10 @@
-"""Translating text with a trained model: tokenize, batch by length, search, detokenize."""
+"""Translating text with a trained model: tokenize, batch by length, search, detokenize; and
+scoring given translations (forced decoding)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ from tinyt.config import MAX_BEAM_SIZE, DecodingConfig
 from tinyt.errors import TinytError
 from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
-from tinyt.search import beam_search, max_output_lengths
-from tinyt.tokenizer import EOS_ID, PAD_ID, Tokenizers
+from tinyt.search import beam_search, max_output_lengths, nbest_search
+from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
 
 # Scores (hypotheses x vocabulary) one decoding batch may hold at a step: 128 MiB of float32.
 MAX_DECODE_SCORES = 2**25
@@ -102,6 +103,32 @@ class Translator:
             result[i] = text
         return result
 
+    def translate_nbest(self, sentences: Sequence[str], nbest: int = 1,
+                        beam_size: int | None = None, length_penalty: float | None = None,
+                        progress: bool = False) -> list[list[tuple[str, float]]]:
+        """The `nbest` best translations of each sentence with their scores, best first, one
+        list per input in input order. A score is the length-normalised log-probability beam
+        search ranks by: sum of token log-probs (<eos> included) / length ** length_penalty,
+        <eos> counted in the length. A list may hold fewer than `nbest` when the search
+        finished fewer (very short length limits). Inputs `translate` gives "" for (empty, or
+        no pieces at all) give [("", 0.0)] without running the model. `nbest` must not exceed
+        the beam size (TinytError).
+        """
+        sentences = list(sentences)
+        beam, _ = self.search_settings(beam_size, length_penalty)
+        if not 1 <= nbest <= beam:
+            raise TinytError(f"{nbest} best translations need a beam of at least {nbest} (the "
+                             f"beam is {beam}); raise the beam size (--beam {nbest})")
+        real = [i for i, s in enumerate(sentences) if s.strip()]
+        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
+        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
+        out = self.translate_nbest_ids(src_ids, nbest, beam_size, length_penalty, progress)
+        result: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
+        for i, hyps in zip(real, out):
+            texts = self.tokenizers.decode_tgt([ids for ids, _ in hyps])
+            result[i] = [(text, score) for text, (_, score) in zip(texts, hyps)]
+        return result
+
     def search_settings(self, beam_size: int | None, length_penalty: float | None
                         ) -> tuple[int, float]:
         """(beam size, length penalty): the arguments, or the decoding config's where None."""
@@ -132,10 +159,31 @@ class Translator:
         the model's positions allow is cut to fit, with a warning on stderr.
         """
         beam, penalty = self.search_settings(beam_size, length_penalty)
+        # beam_search is looked up at each call, so that it can be replaced (in tests).
+        return self._decode(src_ids, beam, progress,
+                            lambda src, max_len: beam_search(self.model, src, max_len, beam,
+                                                             penalty))
+
+    @torch.no_grad()
+    def translate_nbest_ids(self, src_ids: list[list[int]], nbest: int,
+                            beam_size: int | None = None, length_penalty: float | None = None,
+                            progress: bool = False) -> list[list[tuple[list[int], float]]]:
+        """`translate_ids` with each sentence's `nbest` best hypotheses: (token ids without
+        <bos>/<eos>, score) pairs, best first (see `translate_nbest`), in input order."""
+        beam, penalty = self.search_settings(beam_size, length_penalty)
+        return self._decode(src_ids, beam, progress,
+                            lambda src, max_len: nbest_search(self.model, src, max_len, beam,
+                                                              nbest, penalty))
+
+    def _decode(self, src_ids: list[list[int]], beam: int, progress: bool,
+                search: Callable[[torch.Tensor, torch.Tensor], list]) -> list:
+        """`search(src (B, S), max_len (B,))`'s per-sentence results for every source, in
+        input order: sources cut to the model's positions, then decoded longest first in
+        batches of similar length whose beam x vocabulary scores stay bounded."""
         src_ids = self.fit_to_positions(src_ids)
         max_positions = self.model.config.max_positions
         order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
-        results: list[list[int]] = [[] for _ in src_ids]
+        results: list = [[] for _ in src_ids]
         # Beam search scores beam x vocabulary continuations of every sentence at each step:
         # a large beam decodes fewer sentences together, so memory stays bounded.
         vocab = self.tokenizers.tgt_vocab_size
@@ -153,9 +201,59 @@ class Translator:
             max_len = max_output_lengths(src, self.decoding.max_len_ratio,
                                          self.decoding.max_len_offset, max_positions - 1)
             with autocast(self.device, self.amp_dtype):
-                hyps = beam_search(self.model, src, max_len, beam, penalty)
+                hyps = search(src, max_len)
             for i, hyp in zip(chunk, hyps):
                 results[i] = hyp
             bar.update(len(chunk))
         bar.close()
+        return results
+
+    def score(self, sources: Sequence[str], targets: Sequence[str]
+              ) -> list[tuple[list[int], list[float]]]:
+        """Forced decoding: for each (source, target) pair, the target's token ids and the
+        teacher-forced log-probability of each of them and of the final <eos> (len(ids) + 1
+        numbers; an empty target scores <eos> alone). Sources are cut to the model's positions
+        (with a warning); a target too long for them is a TinytError naming its line."""
+        if len(sources) != len(targets):
+            raise TinytError(f"{len(sources)} sources but {len(targets)} targets; give one "
+                             "target a source")
+        src_ids = self.fit_to_positions(self.tokenizers.encode_src(list(sources)))
+        tgt_ids = self.tokenizers.encode_tgt(list(targets))
+        room = self.max_positions - 1
+        for line, ids in enumerate(tgt_ids, start=1):
+            if len(ids) > room:
+                raise TinytError(f"target line {line} has {len(ids)} tokens; the model scores "
+                                 f"at most {room} (with <eos>, its {self.max_positions} "
+                                 "positions)")
+        return list(zip(tgt_ids, self.token_log_probs(src_ids, tgt_ids)))
+
+    @torch.no_grad()
+    def token_log_probs(self, src_ids: list[list[int]], tgt_ids: list[list[int]],
+                        batch_size: int | None = None) -> list[list[float]]:
+        """Teacher-forced log-probability of each target token and of the final <eos>
+        (len(tgt) + 1 numbers a pair), input order. Ids come without <bos>/<eos> and must fit
+        the model's positions with <eos>. Pairs are scored longest first in batches of
+        `batch_size` (default: the decoding config's) sentences of similar length, so padding
+        stays small; padding changes no score (masked in the source, after the target)."""
+        size = batch_size or self.decoding.batch_size
+        order = sorted(range(len(src_ids)), key=lambda i: (-len(tgt_ids[i]), -len(src_ids[i])))
+        results: list[list[float]] = [[] for _ in src_ids]
+        for start in range(0, len(order), size):
+            chunk = order[start: start + size]
+            src_width = max(len(src_ids[i]) for i in chunk) + 1
+            tgt_width = len(tgt_ids[chunk[0]]) + 1
+            src = torch.full((len(chunk), src_width), PAD_ID, dtype=torch.long)
+            tgt_in = torch.full((len(chunk), tgt_width), PAD_ID, dtype=torch.long)
+            tgt_out = torch.full((len(chunk), tgt_width), PAD_ID, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                s, t = src_ids[i], tgt_ids[i]
+                src[row, : len(s) + 1] = torch.tensor(s + [EOS_ID], dtype=torch.long)
+                tgt_in[row, : len(t) + 1] = torch.tensor([BOS_ID] + t, dtype=torch.long)
+                tgt_out[row, : len(t) + 1] = torch.tensor(t + [EOS_ID], dtype=torch.long)
+            src, tgt_in, tgt_out = (x.to(self.device) for x in (src, tgt_in, tgt_out))
+            with autocast(self.device, self.amp_dtype):
+                logits = self.model.logits(self.model(src, tgt_in))  # (b, T, V)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tgt_out[..., None])[..., 0]
+            for row, i in enumerate(chunk):
+                results[i] = logp[row, : len(tgt_ids[i]) + 1].tolist()
         return results
