@@ -155,3 +155,25 @@ def test_too_long_input_is_a_clear_error():
     model = make_model(max_positions=8)
     with pytest.raises(ValueError, match="max_positions"):
         model(random_tokens(1, 9), random_tokens(1, 3))
+
+
+def test_dropout_drops_p_of_the_values_and_keeps_the_expectation():
+    from tinyt.model import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.3).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.003
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 65536 / (65536 - round(0.3 * 65536))))
+    assert abs(y.mean().item() - 1.0) < 0.005  # the expectation is the input's
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient: the same mask, the same scale
+    assert not torch.equal(dropout(x), dropout(x))  # a fresh mask every call
+    torch.manual_seed(5)
+    first = dropout(x)
+    torch.manual_seed(5)
+    assert torch.equal(first, dropout(x))  # masks come from the seeded generator
+    assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
