@@ -423,9 +423,12 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     peak_anon = [0]
 
-    def sample():
+    def record():
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+
+    def sample():  # inside library calls, where the script cannot sample by progress
         while True:
-            peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+            record()
             time.sleep(0.01)
 
     import datasets, torch
@@ -440,12 +443,15 @@ MEMORY_SCRIPT = textwrap.dedent("""
     tokenizers = Tokenizers.load(tokenizer_dir)
     threading.Thread(target=sample, daemon=True).start()
     corpus = open_corpus(DataConfig(dir=data_dir), "train", Path(cache_dir))
+    record()
     data = tokenize_corpus(corpus, tokenizers, Path(cache_dir), num_proc=1)
+    record()
     pairs = 0
     indices = trainable_indices(data, 128)
+    # Sampled at every batch too, so the batching loop's peak is seen on any machine speed.
     for batch in make_batches(data, indices, 4096, torch.Generator().manual_seed(1)):
         pairs += collate(data, batch).src.shape[0]
-    time.sleep(0.05)
+        record()
     print(json.dumps({"pairs": pairs, "peak_rss": status("VmHWM"), "peak_anon": peak_anon[0]}))
 """)
 

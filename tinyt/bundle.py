@@ -268,11 +268,7 @@ def _load_safetensors_bundle(path: Path
         sides = ("joint",) if tokenizer["joint"] else ("src", "tgt")
         spm_models = {side: tensors[TOKENIZER_PREFIX + side] for side in sides}
         config = config_from_dict(config_dict, check_paths=False)
-        if tokenizer["joint"]:
-            src = tgt = _processor(spm_models["joint"])
-        else:
-            src, tgt = _processor(spm_models["src"]), _processor(spm_models["tgt"])
-        tokenizers = Tokenizers(src, tgt, str(tokenizer["fingerprint"]))
+        tokenizers = _tokenizers(spm_models, tokenizer["joint"], tokenizer["fingerprint"])
         model = build_model(config, tokenizers)
         # Every name of a tied weight gets the stored tensor; the model, built from the config,
         # already ties them, so both copies land in the one parameter.
@@ -321,11 +317,7 @@ def _load_torch_bundle(path: Path) -> tuple[Config, Tokenizers, Transformer, dic
                                             metadata):
             raise TinytError(damaged)
         config = config_from_dict(payload["config"], check_paths=False)
-        if tok["joint"]:
-            src = tgt = _processor(spm_models["joint"])
-        else:
-            src, tgt = _processor(spm_models["src"]), _processor(spm_models["tgt"])
-        tokenizers = Tokenizers(src, tgt, str(payload["tokenizer_fingerprint"]))
+        tokenizers = _tokenizers(spm_models, tok["joint"], payload["tokenizer_fingerprint"])
         model = build_model(config, tokenizers)
         model.load_state_dict(payload["model"])
     except TinytError:
@@ -353,6 +345,17 @@ def _check_marker(path: Path, payload: Any) -> None:
         raise TinytError(f"{path} was written by a newer tinyt ({payload.get('tinyt_version')}, "
                          f"bundle version {version}); this tinyt {__version__} reads version "
                          f"{BUNDLE_VERSION}: upgrade tinyt")
+
+
+def _tokenizers(spm_models: dict[str, torch.Tensor], joint: bool, fingerprint: Any
+                ) -> Tokenizers:
+    """The bundle's tokenizers from its SentencePiece models' bytes: "joint" (one processor
+    serving both sides, as Tokenizers.load gives it), or "src" and "tgt"."""
+    if joint:
+        src = tgt = _processor(spm_models["joint"])
+    else:
+        src, tgt = _processor(spm_models["src"]), _processor(spm_models["tgt"])
+    return Tokenizers(src, tgt, str(fingerprint))
 
 
 def _processor(model_bytes: torch.Tensor) -> spm.SentencePieceProcessor:

@@ -328,13 +328,6 @@ class CTranslate2Translator(Translator):
                              f"({reason}); export the model again, or use --device cpu"
                              ) from None
 
-    @classmethod
-    def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"
-             ) -> CTranslate2Translator:
-        from tinyt.hardware import resolve_device
-
-        return cls(path, device=resolve_device(device))
-
     def _pieces(self, src_ids: Sequence[list[int]]) -> list[list[str]]:
         return [self.tokenizers.src.id_to_piece(ids) for ids in src_ids]
 

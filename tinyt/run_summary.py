@@ -88,6 +88,14 @@ def _describe_data(config: Config, record: dict[str, Any] | None) -> dict[str, A
             "bleu_tokenize": config.decoding.bleu_tokenize}
 
 
+def _exported_checkpoint(source: dict[str, Any], progress: dict[str, Any],
+                         tinyt_version: Any) -> dict[str, Any]:
+    """Which checkpoint of which run a bundle or a CTranslate2 export holds."""
+    return {"name": source.get("checkpoint"), "step": progress.get("step"),
+            "epoch": progress.get("epoch"), "averaged_steps": source.get("averaged_steps") or [],
+            "run_dir": source.get("run_dir"), "tinyt_version": tinyt_version}
+
+
 def run_info(path: str | Path) -> dict[str, Any]:
     """A summary of a run directory, a model bundle or a CTranslate2 export: size of the model
     and its vocabularies, languages, the main model and training settings, the best validation loss
@@ -111,11 +119,8 @@ def run_info(path: str | Path) -> dict[str, Any]:
                 **_describe_config(config, tokenizers, int(record.get("parameters") or 0)),
                 "data": _describe_data(config, None),
                 "validation": record.get("metrics") or _no_validations(),
-                "checkpoint": {"name": source.get("checkpoint"), "step": progress.get("step"),
-                               "epoch": progress.get("epoch"),
-                               "averaged_steps": source.get("averaged_steps") or [],
-                               "run_dir": source.get("run_dir"),
-                               "tinyt_version": record.get("tinyt_version")},
+                "checkpoint": _exported_checkpoint(source, progress,
+                                                   record.get("tinyt_version")),
                 "validation_checkpoints": [],
                 "sizes": {"model.bin": (path / "model.bin").stat().st_size,
                           "total": sum(p.stat().st_size for p in files)}}
@@ -149,11 +154,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
             **_describe_config(config, tokenizers, model.num_parameters()),
             "data": _describe_data(config, None),
             "validation": validation,
-            "checkpoint": {"name": source.get("checkpoint"), "step": progress.get("step"),
-                           "epoch": progress.get("epoch"),
-                           "averaged_steps": source.get("averaged_steps") or [],
-                           "run_dir": source.get("run_dir"),
-                           "tinyt_version": payload.get("tinyt_version")},
+            "checkpoint": _exported_checkpoint(source, progress, payload.get("tinyt_version")),
             "validation_checkpoints": [],
             "sizes": {path.name: path.stat().st_size, "total": path.stat().st_size}}
 

@@ -181,7 +181,6 @@ class Translator:
         input order: sources cut to the model's positions, then decoded longest first in
         batches of similar length whose beam x vocabulary scores stay bounded."""
         src_ids = self.fit_to_positions(src_ids)
-        max_positions = self.model.config.max_positions
         order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
         results: list = [[] for _ in src_ids]
         # Beam search scores beam x vocabulary continuations of every sentence at each step:
@@ -199,7 +198,7 @@ class Translator:
                 src[row, len(src_ids[i])] = EOS_ID
             src = src.to(self.device)
             max_len = max_output_lengths(src, self.decoding.max_len_ratio,
-                                         self.decoding.max_len_offset, max_positions - 1)
+                                         self.decoding.max_len_offset, self.max_positions - 1)
             with autocast(self.device, self.amp_dtype):
                 hyps = search(src, max_len)
             for i, hyp in zip(chunk, hyps):
