@@ -13,6 +13,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 from pathlib import Path
@@ -75,6 +76,8 @@ def load_tensors_safely(path: Path, damaged: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # torch seeking to where a file cut short says data is
+            raise TinytError(damaged) from exc
         raise TinytError(f"cannot read {path}: {exc.strerror or exc}; check the file's "
                          "permissions") from exc
     except Exception as exc:

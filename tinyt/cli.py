@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -140,6 +141,15 @@ OUTPUT_OPTION = typer.Option(None, "--output", "-o", help="Write here.")
 MODEL_OPTION = typer.Option(
     None, "--model", "-m",
     help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run.")
+# translate, evaluate and score take several models: they decode as an ensemble.
+RUNS_OPTION = typer.Option(
+    None, "--run",
+    help="Run directory (default: latest). Several --run (and --model bundles) decode as an "
+         "ensemble, averaging their log-probabilities; they need the same vocabularies.")
+MODELS_OPTION = typer.Option(
+    None, "--model", "-m",
+    help="Model bundle or CTranslate2 folder (from tinyt export) instead of --run; several "
+         "bundles make an ensemble.")
 
 
 def _version(value: bool) -> None:
@@ -186,11 +196,22 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start an existing run over."),
     max_minutes: Optional[float] = typer.Option(
         None, "--max-minutes", help="Wall-clock training budget (overrides train.max_minutes)."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from",
+        help="Fine-tune: start from this trained run's weights and vocabulary, with a fresh "
+             "optimizer and schedule (sets train.init_from). Example: --init-from "
+             "runs/multi30k_de_en"),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint",
+        help="Checkpoint of the --init-from run to start from (default best.pt; sets "
+             "train.init_checkpoint). Example: --checkpoint averaged.pt"),
     overrides: Optional[List[str]] = SET_OPTION,
 ) -> None:
     """Train a model from a YAML config.
 
     Example: tinyt train --config configs/multi30k_de_en.yaml --data-dir ../shared/data/multi30k
+
+    or fine-tune a trained run: tinyt train --config my_data.yaml --init-from runs/multi30k_de_en
     """
     from tinyt.config import ConfigError, load_config, override_config
     from tinyt.evaluation import format_evaluation
@@ -203,6 +224,7 @@ def train(
         if cfg is None:
             raise TinytError(f"cannot resume: {resume} is not a run directory")
         cfg.run_dir = str(resume)
+        _check_resume_start(cfg, resume, init_from, checkpoint)
     elif config is None:
         raise TinytError("pass --config FILE (or --resume runs/NAME)")
     else:
@@ -214,6 +236,14 @@ def train(
         cfg.data.dir = data_dir
     if max_minutes is not None:
         cfg.train.max_minutes = max_minutes
+    if init_from is not None and resume is None:
+        cfg.train.init_from = str(init_from)
+    if checkpoint is not None and resume is None:
+        if cfg.train.init_from is None:
+            raise TinytError(f"--checkpoint {checkpoint} picks the checkpoint of the --init-from "
+                             "run that fine-tuning starts from; add --init-from runs/NAME (to "
+                             "continue a run from its last.pt, use --resume runs/NAME)")
+        cfg.train.init_checkpoint = checkpoint
     try:
         cfg.validate()
     except ConfigError as exc:
@@ -243,10 +273,35 @@ def train(
     typer.echo(f"next: tinyt translate --run {summary['run_dir']} \"a sentence to translate\"")
 
 
+def _check_resume_start(cfg, resume: Path, init_from: Optional[Path],
+                        checkpoint: Optional[str]) -> None:
+    """--init-from and --checkpoint with --resume: a resume continues from the run's own
+    last.pt, so they may only repeat what the run was started from (`cfg` is its config)."""
+    started, started_checkpoint = cfg.train.init_from, cfg.train.init_checkpoint
+    options = [f"{flag} {value}" for flag, value in (("--init-from", init_from),
+                                                     ("--checkpoint", checkpoint))
+               if value is not None]
+    if not options:
+        return
+    given, them = " ".join(options), "them" if len(options) > 1 else "it"
+    if started is None:
+        raise TinytError(f"{given} with --resume {resume}: that run was not started from "
+                         "another run (its config.yaml has no train.init_from), and a resume "
+                         f"continues from its own last.pt; drop {them} to resume it, or "
+                         "fine-tune into a new run: tinyt train --config NEW.yaml --init-from "
+                         "RUN --run-dir runs/NEW")
+    if (init_from is not None and init_from.resolve() != Path(started).resolve()) or (
+            checkpoint is not None and checkpoint != started_checkpoint):
+        raise TinytError(f"{given} with --resume {resume}: that run was started from "
+                         f"{Path(started) / started_checkpoint}, and a resume continues from "
+                         f"its own last.pt; drop {them} to resume it, or fine-tune into a new "
+                         "run (--run-dir runs/NEW)")
+
+
 @app.command()
 @friendly_errors
 def evaluate(
-    run: Optional[Path] = RUN_OPTION,
+    run: Optional[List[Path]] = RUNS_OPTION,
     split: str = typer.Option("test", "--split", help="train, valid, test or a split name."),
     beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
                                        help="Beam size (1: greedy)."),
@@ -255,17 +310,24 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus folder override."),
     device: str = DEVICE_OPTION,
     overrides: Optional[List[str]] = SET_OPTION,
-    model_file: Optional[Path] = MODEL_OPTION,
+    model_file: Optional[List[Path]] = MODELS_OPTION,
 ) -> None:
     """Loss, perplexity, BLEU and chrF of a trained run on a split.
 
+    Several --run (or --model bundles) are scored as an ensemble; the results go into the
+    first one's folder.
+
     Example: tinyt evaluate --run runs/multi30k_de_en --split test --beam 5
+
+    Example (an ensemble): tinyt evaluate --run runs/a --run runs/b --split test
     """
     from tinyt.evaluation import evaluate_split, format_evaluation
     from tinyt.hardware import set_threads
 
-    run, config, tokenizers, model, payload = _load_for_command(run, model_file, checkpoint,
+    models = list(model_file or [])
+    run, config, tokenizers, model, payload = _load_for_command(run, models, checkpoint,
                                                                 overrides, device)
+    model_file = models[0] if models and run is None else None
     set_threads(config.train.num_threads)
     if data_dir is not None:
         config.data.dir = data_dir
@@ -273,7 +335,9 @@ def evaluate(
         config.data.validate()
     # Results go into the run directory; for a bundle, into a folder beside it (model.tinyt.eval/).
     out_root = run if model_file is None else model_file.with_name(model_file.name + ".eval")
-    if model_file is not None:
+    if "members" in payload:
+        checkpoint = "ensemble of " + " + ".join(payload["members"])
+    elif model_file is not None:
         checkpoint = f"{model_file.name} ({payload['source']['checkpoint']})"
     result = evaluate_split(config, tokenizers, model, split, _device(device), out_root, beam,
                             length_penalty, checkpoint=checkpoint,
@@ -283,14 +347,21 @@ def evaluate(
     typer.echo(format_evaluation(result))
 
 
-def _load_for_command(run: Optional[Path], model_file: Optional[Path], checkpoint: str,
-                      overrides: Optional[List[str]], device: str = "auto"):
-    """(run, config, tokenizers, model, payload) for evaluate/translate: a bundle or a
+def _load_for_command(runs: Optional[List[Path]], model_files: Optional[List[Path]],
+                      checkpoint: str, overrides: Optional[List[str]], device: str = "auto"):
+    """(run, config, tokenizers, model, payload) for evaluate/translate/score: a bundle or a
     CTranslate2 export (--model) or a run (--run, default the latest), with --set overrides
-    applied to its config. For a CTranslate2 export, `model` is its CTranslate2Translator."""
+    applied to its config. For a CTranslate2 export, `model` is its CTranslate2Translator.
+    Several runs and bundles make an `Ensemble` (the first one's config and payload)."""
     from tinyt.bundle import load_for_inference
     from tinyt.config import override_config
     from tinyt.ctranslate2_model import CTranslate2Translator, is_ctranslate2_dir, load_export
+
+    runs, model_files = list(runs or []), list(model_files or [])
+    if len(runs) + len(model_files) > 1:
+        return _load_ensemble(runs, model_files, checkpoint, overrides)
+    run = runs[0] if runs else None
+    model_file = model_files[0] if model_files else None
 
     if model_file is not None and model_file.is_dir():
         if run is not None:
@@ -313,6 +384,37 @@ def _load_for_command(run: Optional[Path], model_file: Optional[Path], checkpoin
     config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
     return run, override_config(config, overrides or [], check_paths=False), tokenizers, model, \
         payload
+
+
+def _load_ensemble(runs: list[Path], model_files: list[Path], checkpoint: str,
+                   overrides: Optional[List[str]]):
+    """`_load_for_command` for several runs and bundles: their models as one `Ensemble`,
+    checked to translate the same languages with the same vocabularies."""
+    from tinyt.bundle import load_for_inference
+    from tinyt.config import override_config
+    from tinyt.ensemble import Ensemble, check_same_vocabularies
+
+    members = [(run, None) for run in runs] + [(None, path) for path in model_files]
+    loaded, names = [], []
+    for run, bundle in members:
+        if bundle is not None and bundle.is_dir():
+            raise TinytError(f"{bundle} is a folder (a CTranslate2 export?); an ensemble is made "
+                             "of runs (--run) and bundle files (--model FILE.tinyt)")
+        loaded.append(load_for_inference(run, bundle, checkpoint))
+        names.append(str(run if run is not None else bundle))
+    pairs = {(c.data.src_lang, c.data.tgt_lang) for c, _, _, _ in loaded}
+    if len(pairs) > 1:
+        raise TinytError(f"the ensemble's models translate different languages ("
+                         f"{', '.join(f'{s}->{t}' for s, t in sorted(pairs))}); give runs of "
+                         "one language pair")
+    check_same_vocabularies([tokenizers for _, tokenizers, _, _ in loaded], names)
+    config, tokenizers, _, payload = loaded[0]
+    model = Ensemble([m for _, _, m, _ in loaded])
+    payload = {"progress": {"step": None}, "source": {"checkpoint": None},
+               "members": [f"{name}/{checkpoint}" if run is not None else name
+                           for name, (run, _) in zip(names, members)]}
+    config = override_config(config, overrides or [], check_paths=False)
+    return (runs[0] if runs else None), config, tokenizers, model, payload
 
 
 def _device(name: str):
@@ -349,15 +451,22 @@ def _stdin_lines():
 
 def stream_translations(translator, lines, out, beam: Optional[int],
                         length_penalty: Optional[float], nbest: Optional[int] = None,
-                        scores: bool = False, output_format: str = "text") -> None:
-    """Translate each line as soon as it arrives and write it at once (interactive use)."""
+                        scores: bool = False, output_format: str = "text",
+                        sampling: Optional[dict[str, Any]] = None) -> None:
+    """Translate each line as soon as it arrives and write it at once (interactive use).
+    Sampling, line `index` draws as it would as line `index` of a file."""
     for index, line in enumerate(lines):
-        if nbest is None and not scores and output_format == "text":
+        if nbest is None and not scores and output_format == "text" and sampling is None:
             out.write(translator.translate([line], beam_size=beam,
                                            length_penalty=length_penalty)[0] + "\n")
         else:
-            hyps = translator.translate_nbest([line], nbest or 1, beam_size=beam,
-                                              length_penalty=length_penalty)[0]
+            if sampling is not None:
+                # Seeded as line `index` of a file, so interactive draws match `-i FILE`'s.
+                hyps = translator.sample([""] * index + [line], nbest or 1,
+                                         length_penalty=length_penalty, **sampling)[index]
+            else:
+                hyps = translator.translate_nbest([line], nbest or 1, beam_size=beam,
+                                                  length_penalty=length_penalty)[0]
             out.write(format_hypotheses(index, hyps, output_format, scores))
         out.flush()
 
@@ -422,7 +531,7 @@ def _read_lines_file(path: Path, option: str) -> list[str]:
 def translate(
     text: Optional[List[str]] = typer.Argument(
         None, help="Sentences to translate; '-' (or nothing, with piped input) reads stdin."),
-    run: Optional[Path] = RUN_OPTION,
+    run: Optional[List[Path]] = RUNS_OPTION,
     beam: Optional[int] = typer.Option(None, "--beam", min=1, max=MAX_BEAM_SIZE,
                                        help="Beam size (1: greedy)."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0),
@@ -431,7 +540,7 @@ def translate(
     checkpoint: str = CHECKPOINT_OPTION,
     device: str = DEVICE_OPTION,
     overrides: Optional[List[str]] = SET_OPTION,
-    model_file: Optional[Path] = MODEL_OPTION,
+    model_file: Optional[List[Path]] = MODELS_OPTION,
     nbest: Optional[int] = typer.Option(
         None, "--nbest", "-n", min=1, max=MAX_BEAM_SIZE,
         help="Write the K best translations of each input, best first (K lines an input in "
@@ -447,6 +556,24 @@ def translate(
         help="text (a line a translation), tsv (input_index, rank, score, text) or jsonl (an "
              "object an input: index, hypotheses with text and score). Example: tinyt "
              "translate --nbest 3 --beam 5 --format jsonl -i sentences.de"),
+    sample: bool = typer.Option(
+        False, "--sample",
+        help="Draw random translations instead of searching (back-translation, data "
+             "augmentation); --nbest K draws K an input. Seeded: the same --seed gives the same "
+             "draws. Example: tinyt translate --sample --top-p 0.9 --seed 7 -i mono.en"),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature",
+        help="With --sample: divide log-probabilities by this (> 0; < 1 sharper, > 1 flatter; "
+             "default 1). Example: tinyt translate --sample --temperature 0.7 \"Ein Hund.\""),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", help="With --sample: draw among the K most probable tokens (default 0: "
+        "all). Example: tinyt translate --sample --top-k 10 \"Ein Hund.\""),
+    top_p: Optional[float] = typer.Option(
+        None, "--top-p", help="With --sample: draw among the fewest most probable tokens whose "
+        "probability reaches P (default 1: all). Example: tinyt translate --sample --top-p 0.9 "
+        "\"Ein Hund.\""),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="With --sample: the draws' seed (default 1)."),
 ) -> None:
     """Translate sentences, one output line per input line.
 
@@ -457,6 +584,8 @@ def translate(
     Example: tinyt translate "Ein Hund läuft über die Wiese." --run runs/multi30k_de_en
 
     Example: tinyt translate --beam 5 --nbest 3 --format tsv -i sentences.de -o nbest.tsv
+
+    Example (an ensemble): tinyt translate --run runs/a --run runs/b -i test.de -o test.en
     """
     from tinyt.translation import Translator
 
@@ -467,6 +596,7 @@ def translate(
     if output_format not in OUTPUT_FORMATS:
         raise TinytError(f"--format {output_format} is not an output format; use one of "
                          f"{', '.join(OUTPUT_FORMATS)}")
+    sampling = _sampling_options(sample, beam, temperature, top_k, top_p, seed)
     _check_output_file(output_file)  # before translating, not after
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
     run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
@@ -475,14 +605,14 @@ def translate(
                   else Translator(model, tokenizers, config.decoding, _device(device),
                                   config.train.amp))
     beam_size = config.decoding.beam_size if beam is None else beam
-    if nbest is not None and nbest > beam_size:
+    if nbest is not None and nbest > beam_size and sampling is None:
         raise TinytError(f"--nbest {nbest} needs a beam of at least {nbest}, and the beam is "
                          f"{beam_size}; raise --beam to {nbest} or more")
-    plain = nbest is None and not scores and output_format == "text"
+    plain = nbest is None and not scores and output_format == "text" and sampling is None
     if interactive:
         typer.echo("Type one sentence a line; Ctrl-D ends.", err=True)
         stream_translations(translator, _stdin_lines(), sys.stdout, beam, length_penalty,
-                            nbest, scores, output_format)
+                            nbest, scores, output_format, sampling)
         return
     if input_file is not None:
         try:
@@ -499,12 +629,52 @@ def translate(
                                        progress=len(lines) > 100)
         body = "".join(line + "\n" for line in outputs)
     else:
-        nbests = translator.translate_nbest(lines, nbest or 1, beam_size=beam,
-                                            length_penalty=length_penalty,
-                                            progress=len(lines) > 100)
+        nbests = _hypotheses(translator, lines, nbest, beam, length_penalty, sampling,
+                             progress=len(lines) > 100)
         body = "".join(format_hypotheses(i, hyps, output_format, scores)
                        for i, hyps in enumerate(nbests))
     _write_output(output_file, body)
+
+
+def _sampling_options(sample: bool, beam: Optional[int], temperature: Optional[float],
+                      top_k: Optional[int], top_p: Optional[float], seed: Optional[int]
+                      ) -> Optional[dict[str, Any]]:
+    """translate's sampling options as `Translator.sample` arguments (None without --sample),
+    checked: each needs --sample, and --sample takes no --beam."""
+    given = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
+    if not sample:
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            raise TinytError(f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only to sampling; add --sample (or drop "
+                             f"{'them' if len(stray) > 1 else 'it'})")
+        return None
+    if beam is not None:
+        raise TinytError("--beam and --sample exclude each other: sampling draws one token at a "
+                         "time; drop one of them")
+    options = {"temperature": 1.0 if temperature is None else temperature,
+               "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
+               "seed": 1 if seed is None else seed}
+    if not (options["temperature"] > 0 and math.isfinite(options["temperature"])):
+        raise TinytError(f"--temperature {temperature} is impossible; use a number > 0 (1: the "
+                         "model's own distribution)")
+    if options["top_k"] < 0:
+        raise TinytError(f"--top-k {top_k} is impossible; use 0 (all tokens) or more")
+    if not 0 < options["top_p"] <= 1:
+        raise TinytError(f"--top-p {top_p} is impossible; use a number in (0, 1] (1: all tokens)")
+    if not 0 <= options["seed"] < 2**63:
+        raise TinytError(f"--seed {seed} is impossible; use a number in [0, 2^63)")
+    return options
+
+
+def _hypotheses(translator, lines: list[str], nbest: Optional[int], beam: Optional[int],
+                length_penalty: Optional[float], sampling: Optional[dict[str, Any]],
+                progress: bool = False) -> list[list[tuple[str, float]]]:
+    """Each line's scored hypotheses: its --nbest best, or, sampling, --nbest draws."""
+    if sampling is not None:
+        return translator.sample(lines, nbest or 1, length_penalty=length_penalty,
+                                 progress=progress, **sampling)
+    return translator.translate_nbest(lines, nbest or 1, beam_size=beam,
+                                      length_penalty=length_penalty, progress=progress)
 
 
 @app.command()
@@ -513,7 +683,7 @@ def score(
     source: Path = typer.Option(..., "--source", "-s", help="Source sentences, one a line."),
     target: Path = typer.Option(..., "--target", "-t",
                                 help="Their translations to score, one a line."),
-    run: Optional[Path] = RUN_OPTION,
+    run: Optional[List[Path]] = RUNS_OPTION,
     tokens: bool = typer.Option(
         False, "--tokens",
         help="Also write each token's log-probability and the target's pieces (<eos> last). "
@@ -522,7 +692,7 @@ def score(
     checkpoint: str = CHECKPOINT_OPTION,
     device: str = DEVICE_OPTION,
     overrides: Optional[List[str]] = SET_OPTION,
-    model_file: Optional[Path] = MODEL_OPTION,
+    model_file: Optional[List[Path]] = MODELS_OPTION,
 ) -> None:
     """Score given translations (forced decoding): log-probability of each target line given
     its source line.

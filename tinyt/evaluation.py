@@ -42,9 +42,9 @@ def teacher_forced_nll(model: Transformer, data: TokenizedText, batch_tokens: in
                     leave=False, disable=not progress, dynamic_ncols=True):
         batch = collate(data, idx).to(device)
         with autocast(device, amp):
-            logits = model.logits(model(batch.src, batch.tgt_in))
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
-                                 ignore_index=PAD_ID, reduction="sum")
+            logp = model.log_probs(batch.src, batch.tgt_in)  # (B, T, V)
+        total += F.nll_loss(logp.float().flatten(0, 1), batch.tgt_out.flatten(),
+                            ignore_index=PAD_ID, reduction="sum")
         n_tokens += batch.n_tokens
     model.train(was_training)
     return float(total) / max(n_tokens, 1), n_tokens
@@ -89,8 +89,8 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | 
                    length_penalty: float | None = None, progress: bool = True,
                    checkpoint: str = "best.pt", step: int | None = None) -> dict[str, object]:
     """Score `model` on a split of the config's corpus, as `tinyt evaluate` does. `model` is
-    a Transformer, or the CTranslate2Translator of an exported folder (which scores and
-    decodes with CTranslate2).
+    a Transformer, an Ensemble of them (tinyt.ensemble), or the CTranslate2Translator of an
+    exported folder (which scores and decodes with CTranslate2).
 
     Teacher-forced loss and perplexity, then beam search (beam_size, default the config's),
     BLEU (tokenized by decoding.bleu_tokenize) and chrF. Sources and references are normalised
@@ -106,7 +106,7 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | 
     if len(text) == 0:
         raise TinytError(f"split {split!r} ({text.name}) is empty")
     data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
-    if isinstance(model, Transformer):
+    if not isinstance(model, Translator):  # a Transformer, or an Ensemble of them
         translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
         nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens,
                                            translator.device, translator.amp_dtype,

@@ -370,6 +370,11 @@ class Transformer(nn.Module):
             return F.linear(hidden, self.tgt_embed.weight)
         return self.output(hidden)
 
+    def log_probs(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) -> (B, T, V) float32 log-probabilities
+        of each next target token."""
+        return torch.log_softmax(self.logits(self(src, tgt_in)).float(), dim=-1)
+
     def start_decoding(self, src: torch.Tensor, use_cache: bool = True) -> DecoderState:
         """Encode src (B, S) and precompute each layer's cross-attention keys/values."""
         memory, src_mask = self.encode(src)

@@ -10,6 +10,7 @@ A run directory holds:
     ckpt-STEP.pt           weights of the last `train.keep_checkpoints` validations
     averaged.pt            their average, written by `tinyt average`
     metrics.jsonl          one JSON line per validation, none after last.pt's step
+    tensorboard/           TensorBoard event files, with train.log [jsonl, tensorboard]
     evaluations.jsonl, translations/   what `tinyt evaluate` wrote
 It is resumable when last.pt loads, the config keeps the model, vocabulary and data last.pt was
 trained with, and the tokenizer that wrote it is still there (`check_resumable`).
@@ -44,7 +45,7 @@ LOCK_NAME = ".tinyt.lock"
 # Files and folders that only training, evaluation or averaging produce: any one of them means
 # the directory holds a run that a new `tinyt train` must not silently replace.
 TRAINED_FILES = ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl", "evaluations.jsonl")
-TRAINED_FOLDERS = ("tokenizer", "translations")
+TRAINED_FOLDERS = ("tokenizer", "translations", "tensorboard")
 
 
 def trained_artefacts(run_dir: Path) -> list[str]:
@@ -79,6 +80,7 @@ def clear_trained_state(run_dir: Path) -> None:
     for old in run_dir.glob("ckpt-*.pt"):
         old.unlink()
     shutil.rmtree(run_dir / "translations", ignore_errors=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)  # events of the old run's steps
 
 
 # -- resuming ----------------------------------------------------------------------------------
@@ -100,6 +102,12 @@ def _changed_on_resume(saved: dict[str, Any], config: Config) -> list[str]:
                 continue
             if now[section][key] != before[key]:
                 changed.append(f"{section}.{key}")
+    # Where a fine-tuned run started from is its history, not a setting (tinyt.finetuning); a
+    # checkpoint from before these keys existed started from nothing.
+    started_from = {"init_from": None, "init_checkpoint": "best.pt", **saved.get("train", {})}
+    for key in ("init_from", "init_checkpoint"):
+        if now["train"][key] != started_from[key]:
+            changed.append(f"train.{key}")
     return changed
 
 

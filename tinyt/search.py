@@ -5,6 +5,9 @@ Both work on a batch of source sentences at once and use the model's incremental
 cross-attention keys/values once per sentence. A sentence whose search is over leaves the batch,
 so finished work is never recomputed. Results are token ids without <bos>/<eos>.
 
+`sample_search` draws one random translation per source instead (temperature, top-k,
+top-p), each row from its own seeded generator.
+
 `nbest_search` gives, with the same search, each sentence's best finished hypotheses and their
 scores: length-normalised log-probabilities, sum of token log-probs (<eos> included) / length **
 length_penalty, length counting <eos>. That is the score beam search ranks hypotheses by.
@@ -74,6 +77,76 @@ def _scored_greedy(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
         prefix, rows, limit, total = prefix[keep], rows[keep], limit[keep], total[keep]
         state = state.select(keep)
     return results
+
+
+@torch.no_grad()
+def sample_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
+                  seeds: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  length_penalty: float = 1.0, use_cache: bool = True
+                  ) -> list[tuple[list[int], float]]:
+    """One random translation of each source row, for back-translation and data augmentation.
+    src: (B, S); max_len: (B,); seeds: B generator seeds.
+
+    At each step the next token is drawn from the model's distribution with its log-
+    probabilities divided by `temperature` (< 1 sharper, > 1 flatter), cut to the `top_k`
+    most probable tokens (0: no cut) and to the smallest set of most probable tokens whose
+    probability reaches `top_p` (nucleus sampling; 1: no cut). Row b draws from its own
+    generator seeded with seeds[b], so its translation depends on its seed and source only,
+    not on the rows it is batched with. Returns B (token ids without <bos>/<eos>, score)
+    pairs, the score being what beam search ranks by under the model itself (temperature 1,
+    no cut): sum of token log-probs (<eos> included) / length ** length_penalty.
+    """
+    batch = src.size(0)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    state = model.start_decoding(src, use_cache=use_cache)
+    prefix = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=src.device)
+    rows = list(range(batch))  # original row of each active row
+    limit = max_len.to(src.device)
+    total = torch.zeros(batch, dtype=torch.float64, device=src.device)
+    results: list[tuple[list[int], float]] = [([], 0.0) for _ in range(batch)]
+    for step in range(int(limit.max())):
+        logp = model.decode_step(prefix, state)  # (b, V)
+        next_token = _draw(logp, [generators[r] for r in rows], temperature, top_k, top_p)
+        next_token = torch.where(limit <= step + 1, EOS_ID, next_token)  # <eos> forced
+        prefix = torch.cat([prefix, next_token[:, None]], dim=1)
+        total = total + logp.gather(1, next_token[:, None])[:, 0].double()
+        done = next_token == EOS_ID
+        if not bool(done.any()):
+            continue
+        length_norm = (step + 1) ** length_penalty
+        for r in done.nonzero().flatten().tolist():
+            results[rows[r]] = (prefix[r, 1:-1].tolist(), float(total[r]) / length_norm)
+        keep = (~done).nonzero().flatten()
+        if keep.numel() == 0:
+            break
+        prefix, limit, total = prefix[keep], limit[keep], total[keep]
+        rows = [rows[i] for i in keep.tolist()]
+        state = state.select(keep)
+    return results
+
+
+def _draw(logp: torch.Tensor, generators: list[torch.Generator], temperature: float,
+          top_k: int, top_p: float) -> torch.Tensor:
+    """(b,) tokens drawn from logp (b, V) as `sample_search` says, row i with generators[i]:
+    by inverting the cumulative distribution at a uniform number from the row's generator."""
+    logits = logp.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep a token while the tokens more probable than it hold less than top_p (the most
+        # probable one always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (b, V)
+    uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
+                           for g in generators]).to(logp.device)
+    # The first token whose cumulative probability exceeds u * total (never a token of
+    # probability 0: its cumulative value equals the one before it).
+    token = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1)
+    return token.clamp_(max=logp.size(-1) - 1)
 
 
 @torch.no_grad()

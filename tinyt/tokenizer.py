@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from tinyt.config import TokenizerConfig
+from tinyt.config import SubwordSamplingConfig, TokenizerConfig
 from tinyt.errors import TinytError
 from tinyt.writing import atomic_write_bytes, atomic_write_text, writing
 
@@ -50,6 +50,16 @@ class Tokenizers:
     def encode_tgt(self, sentences: list[str]) -> list[list[int]]:
         return self.tgt.encode(sentences, out_type=int)
 
+    def sample_src(self, sentences: list[str], sampling: SubwordSamplingConfig,
+                   seed: int) -> list[list[int]]:
+        """One random segmentation of each sentence (subword regularization); see
+        `sample_segmentations`."""
+        return sample_segmentations(self.src, sentences, sampling, seed)
+
+    def sample_tgt(self, sentences: list[str], sampling: SubwordSamplingConfig,
+                   seed: int) -> list[list[int]]:
+        return sample_segmentations(self.tgt, sentences, sampling, seed)
+
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
 
@@ -73,6 +83,21 @@ class Tokenizers:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             raise TinytError(f"{meta_path} is damaged; retrain the run's tokenizer") from None
         return cls(src, tgt, key)
+
+
+# SentencePiece takes this seed to mean "seed from the system's entropy".
+_SPM_RANDOM_SEED = 2**32 - 1
+
+
+def sample_segmentations(processor: spm.SentencePieceProcessor, sentences: list[str],
+                         sampling: SubwordSamplingConfig, seed: int) -> list[list[int]]:
+    """Ids of one random segmentation of each sentence: unigram sampling (alpha, nbest) or
+    BPE-dropout (alpha), by the model's type. The same seed and sentences give the same ids,
+    in any process: SentencePiece's generator is process-wide, so it is seeded here for the
+    call, and one thread encodes the sentences in order."""
+    spm.set_random_generator_seed(seed % _SPM_RANDOM_SEED)
+    return processor.encode(sentences, out_type=int, enable_sampling=True,
+                            alpha=sampling.alpha, nbest_size=sampling.nbest, num_threads=1)
 
 
 def _load_model(path: Path) -> spm.SentencePieceProcessor:
@@ -121,7 +146,9 @@ def auto_coverage(lines: list[str]) -> float:
 
 def fingerprint(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[str]) -> str:
     """Hash of the tokenizer config and the training text: equal hash, reusable tokenizer."""
-    h = hashlib.sha256(json.dumps(asdict(settled(config)), sort_keys=True).encode())
+    settings = asdict(settled(config))
+    del settings["sampling"]  # how training text is cut, not what the vocabulary is
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for lines in (src_lines, tgt_lines):
         h.update(str(len(lines)).encode())
         for line in lines:

@@ -10,10 +10,13 @@ directory holds and whether it may be trained or resumed to tinyt.rundir.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +33,21 @@ from tinyt.checkpoint import (build_model, load_checkpoint, prune_validation_che
                               set_rng_state, training_payload, validation_checkpoint_name,
                               weights_payload)
 from tinyt.config import Config, save_config
-from tinyt.data import (Batch, TokenizedText, collate, make_batches, open_training_data,
-                        tokenize, tokenize_corpus, trainable_indices)
+from tinyt.data import (Batch, Corpus, TokenizedText, collate, make_batches,
+                        open_training_data, sample_corpus, tokenize, tokenize_corpus,
+                        trainable_indices)
 from tinyt.distributed import World
 from tinyt import distributed
 from tinyt.errors import TinytError
 from tinyt.evaluation import evaluate_split, perplexity, score_translations, teacher_forced_nll
+from tinyt.finetuning import InitSource, copy_tokenizer, open_init_source
 from tinyt.hardware import (amp_dtype, autocast, configure_backends, resolve_device,
                             set_threads)
 from tinyt.model import Transformer
 from tinyt.rundir import (RunDirLock, check_can_train, clear_trained_state,
                           remove_stale_temporaries, trim_metrics)
 from tinyt.schedule import LearningRateSchedule
+from tinyt.sinks import LogSinks
 from tinyt.stopping import StopConditions, TrainingInterrupted
 from tinyt.tokenizer import PAD_ID, Tokenizers, saved_tokenizers, train_or_load
 from tinyt.translation import Translator
@@ -62,6 +68,12 @@ class Progress:
     window_tokens: int = 0  # target tokens behind window_loss
     nonfinite_steps: int = 0  # updates skipped because the loss or gradients were not finite
     nonfinite_in_a_row: int = 0
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch's subword sampling, unrelated to its neighbours'."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/subword sampling".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
 
 def _rank_seed(seed: int, rank: int) -> int:
     """The dropout seed of a rank > 0 (rank 0 keeps the run's seed, as a single process)."""
@@ -127,17 +139,19 @@ class _TrainingLog:
         self._loss.zero_()
         self._tokens = 0
 
-    def show(self, bar: tqdm, progress: Progress, lr: float) -> None:
-        """Loss, learning rate and tokens/s since the last update, on the progress bar."""
+    def show(self, bar: tqdm, progress: Progress, lr: float) -> tuple[float | None, float]:
+        """Loss, learning rate and tokens/s since the last update, on the progress bar.
+        Returns the loss (None when every update since was skipped) and the tokens/s."""
         now = time.monotonic()
-        postfix = {"loss": f"{float(self._loss) / max(self._tokens, 1):.3f}",
-                   "lr": f"{lr:.2e}",
-                   "tok_s": f"{self._tokens / max(now - self._measured_from, 1e-9):.0f}"}
+        loss = float(self._loss) / self._tokens if self._tokens else None
+        speed = self._tokens / max(now - self._measured_from, 1e-9)
+        postfix = {"loss": f"{loss or 0.0:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{speed:.0f}"}
         if progress.nonfinite_steps:
             postfix["skipped"] = progress.nonfinite_steps
         self.flush(progress)
         bar.set_postfix(postfix)
         self._measured_from = now
+        return loss, speed
 
     def restart_speed(self) -> None:
         """Leave the time just spent (validating, saving) out of the next speed shown."""
@@ -160,12 +174,18 @@ class Trainer:
 
     def __init__(self, config: Config, tokenizers: Tokenizers, train_data: TokenizedText | None,
                  valid_data: TokenizedText, valid_refs: list[str], progress_bars: bool = True,
-                 world: World = World(), stream=None):
+                 world: World = World(), stream=None, train_text: Corpus | None = None):
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.tokenizers = tokenizers
         self.train_data = train_data
         self.stream = stream  # a data.StreamingCorpus when data.streaming is on, else None
+        # The training pairs' text (rows as train_data's): with tokenizer.sampling every epoch
+        # segments it afresh into epoch_data; without, epoch_data is train_data.
+        self.train_text = train_text
+        self.epoch_data = train_data
+        if config.tokenizer.sampling is not None and stream is None and train_text is None:
+            raise ValueError("tokenizer.sampling needs the training text (train_text)")
         self.valid_data = valid_data
         self.valid_refs = valid_refs
         self.world = world
@@ -200,6 +220,7 @@ class Trainer:
             raise TinytError(f"no training pair has 1..{config.data.max_len} tokens on both "
                              "sides; check the data or raise data.max_len")
         self.progress = Progress()
+        self.sinks = LogSinks()  # train.log's extra sinks, open while `train` runs (rank 0)
         # Source ids of the validation split, for greedy decoding at every validation.
         self.valid_src_ids = [valid_data.src(i).tolist() for i in range(len(valid_data))]
 
@@ -336,11 +357,15 @@ class Trainer:
         step and saving last.pt) and TinytError after too many non-finite updates in a row.
         """
         p = self.progress
+        # The extra sinks (TensorBoard) start where this call starts: a resumed run's events
+        # after its checkpoint's step are replaced, not repeated. Opened first, so that their
+        # start-up is not counted in the training time and speed.
+        self.sinks = LogSinks.open(self.config, p.step + 1) if self.world.is_main else LogSinks()
         stops = StopConditions(self.config.train, self.world, self.device)
         log = _TrainingLog(self.device)
         reason = stops.before_training(p)  # a resumed run may have reached a limit already
         self.model.train()
-        with stops.catching_signals():
+        with stops.catching_signals(), self.sinks:
             while reason is None:
                 updates, total = self._rest_of_epoch()
                 with self._progress_bar(total) as bar:
@@ -370,8 +395,8 @@ class Trainer:
         world_size of them; the epoch's last update may have fewer), with whether it is the
         epoch's last."""
         p = self.progress
-        items, total = self._epoch_batches(p.epoch)
-        return self._group_updates(itertools.islice(items, p.batch_in_epoch, None), p.epoch), total
+        items, total = self._epoch_batches(p.epoch, p.batch_in_epoch)
+        return self._group_updates(items, p.epoch), total
 
     def _group_updates(self, items: Iterator[Any], epoch: int
                        ) -> Iterator[tuple[list[Any], bool]]:
@@ -405,7 +430,8 @@ class Trainer:
         bar.update(len(group))
         self._count_nonfinite(finite)
         if p.step % self.config.train.log_every == 0:
-            log.show(bar, p, self.schedule.lr)
+            loss, speed = log.show(bar, p, self.schedule.lr)
+            self.sinks.progress(p.step, loss, self.schedule.lr, speed)
         if end_of_epoch:
             p.epoch += 1
             p.batch_in_epoch = 0
@@ -458,6 +484,7 @@ class Trainer:
             record["nonfinite_steps"] = p.nonfinite_steps
         if self.world.is_main:
             self._write_metrics(record, bar)
+            self.sinks.validation(record)
         p.window_loss, p.window_tokens = 0.0, 0
         self.save(best=improved, validation=True)
         log.restart_speed()
@@ -472,26 +499,59 @@ class Trainer:
                    + (" (best)" if record["best"] else ""))
         (bar.write if self.progress_bars else print)(message)
 
-    def _epoch_batches(self, epoch: int) -> tuple[Iterator[Any], int | None]:
-        """The epoch's batches in training order, the same on every rank, and their number
-        (None when streaming). Items are index tensors into train_data, or, when streaming,
-        ready Batches."""
-        tc = self.config.train
+    def _epoch_batches(self, epoch: int, start: int = 0) -> tuple[Iterator[Any], int | None]:
+        """The epoch's batches in training order from its `start`-th on, the same on every
+        rank, and the epoch's number of batches (None when streaming). Items are index tensors
+        into epoch_data, or, when streaming, ready Batches. With tokenizer.sampling each epoch
+        segments the training pairs afresh (`_sampled_epoch`) and batches them by those
+        lengths."""
+        tc, max_len = self.config.train, self.config.data.max_len
+        sampling = self.config.tokenizer.sampling
         if self.stream is not None:
-            return iter(self.stream.batches(self.tokenizers, tc.batch_tokens,
-                                            self.config.data.max_len, tc.seed, epoch)), None
+            stream = self.stream.batches(self.tokenizers, tc.batch_tokens, max_len, tc.seed,
+                                         epoch, sampling)
+            return itertools.islice(stream, start, None), None
+        if sampling is not None:
+            self.epoch_data = self._sampled_epoch(epoch)
+            self.train_indices = trainable_indices(self.epoch_data, max_len)
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        order = make_batches(self.train_data, self.train_indices, tc.batch_tokens, generator)
-        return iter(order), len(order)
+        order = make_batches(self.epoch_data, self.train_indices, tc.batch_tokens, generator)
+        return iter(order[start:]), len(order)
+
+    def _sampled_epoch(self, epoch: int) -> TokenizedText:
+        """This epoch's random segmentation of the training pairs (tokenizer.sampling), kept
+        in RUN/cache/sampled-epochN-KEY/ until the next epoch's replaces it, so that a resumed
+        run trains on the very segmentations the interrupted one did."""
+        cache = self.run_dir / "cache"
+        name = f"sampled-epoch{epoch}"
+        if (self.world.is_main and self.progress.batch_in_epoch > 0
+                and not any(p.is_dir() for p in cache.glob(name + "-*"))):
+            print(f"warning: the subword segmentation of epoch {epoch + 1} is gone from "
+                  f"{cache}; the rest of the epoch trains on a new one (not the one the "
+                  "interrupted run used)", file=sys.stderr)
+        data = sample_corpus(self.train_text, self.tokenizers, cache,
+                             self.config.tokenizer.sampling,
+                             _epoch_seed(self.config.train.seed, epoch), self.config.data.max_len,
+                             name, self.config.data.tokenize_processes,
+                             desc=f"sampling subwords (epoch {epoch + 1})")
+        if self.world.is_main:
+            for old in cache.glob("sampled-epoch*"):
+                if old.name.startswith(name + "-"):
+                    continue
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # a map's Arrow file left by a killed run
+                    old.unlink(missing_ok=True)
+        return data
 
     def _n_tokens(self, item: Any) -> int:
         """Target tokens (+ <eos>) of a batch item, without building its tensors."""
         if isinstance(item, Batch):
             return item.n_tokens
-        return int(self.train_data.tgt_lengths_at(item).sum()) + item.numel()
+        return int(self.epoch_data.tgt_lengths_at(item).sum()) + item.numel()
 
     def _as_batch(self, item: Any) -> Batch:
-        return item if isinstance(item, Batch) else collate(self.train_data, item)
+        return item if isinstance(item, Batch) else collate(self.epoch_data, item)
 
     def _my_share(self, group: list[Any]) -> list[Batch]:
         """This rank's batches of one update: every world_size-th of `group`, starting at its
@@ -517,6 +577,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     The run directory has one writer at a time (tinyt.rundir): rank 0 holds its lock for the
     whole run. Nothing in it changes until the run directory, the data and (on resume) the
     checkpoint and config have all been checked: a refused or failed start leaves it as it was.
+    With train.init_from (fine-tuning, tinyt.finetuning) the run starts from that run's weights
+    and vocabulary, and `config`'s tokenizer section becomes that run's.
 
     Under torchrun every process calls this; see tinyt.distributed. Rank 0 alone prepares the
     run directory, trains the tokenizer, caches token ids, writes files and runs the final
@@ -524,6 +586,9 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     """
     tc = config.train
     world = distributed.world_from_environment()
+    # Fine-tuning reads and checks the run it starts from first, so that a refusal does not
+    # even create the run directory; a resumed run continues from its own last.pt instead.
+    init = open_init_source(config) if tc.init_from is not None and not resume else None
     set_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -531,7 +596,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     lock = RunDirLock(config.run_dir, "tinyt train --resume" if resume else "tinyt train")
     try:
         distributed.main_first(world, lock.__enter__, then=lambda: lock)
-        summary = _train(config, overwrite, resume, progress_bars, world, lock)
+        summary = _train(config, overwrite, resume, progress_bars, world, lock, init)
         distributed.wait_for_all(world)
         return summary
     finally:
@@ -540,7 +605,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
 
 
 def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
-           world: World, lock: RunDirLock) -> dict[str, Any]:
+           world: World, lock: RunDirLock, init: InitSource | None = None) -> dict[str, Any]:
     tc, dc = config.train, config.data
     run_dir = Path(config.run_dir)
     cache = run_dir / "cache"
@@ -570,6 +635,10 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
         raise
 
     def prepare_tokens():
+        if tc.init_from is not None:  # fine-tuning: the vocabulary is the start run's
+            tokenizers = fine_tuning_tokenizers()
+            save_config(config, run_dir / "config.yaml")
+            return tokenizers, *tokenize_data(tokenizers)
         src, tgt = train_corpus.sample(config.tokenizer.max_sentences, tc.seed)
         if resume:  # never retrained: the checkpoint's weights belong to this vocabulary
             tokenizers = saved_tokenizers(config.tokenizer, src, tgt, run_dir / "tokenizer")
@@ -580,6 +649,16 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
         save_config(config, run_dir / "config.yaml")
         del src, tgt
         return tokenizers, *tokenize_data(tokenizers)
+
+    def fine_tuning_tokenizers() -> Tokenizers:
+        if resume:
+            # The copy made at the start, never compared with the new data's fingerprint (it
+            # was learned from other data); check_resumable matched it to last.pt.
+            return Tokenizers.load(run_dir / "tokenizer")
+        print(init.announcement)
+        if overwrite:
+            clear_trained_state(run_dir)
+        return copy_tokenizer(init, run_dir / "tokenizer")
 
     def tokenize_data(tokenizers: Tokenizers):
         train_data = None if dc.streaming else tokenize_corpus(
@@ -593,11 +672,16 @@ def _train(config: Config, overwrite: bool, resume: bool, progress_bars: bool,
     tokenizers, train_data, valid_data = distributed.main_first(world, prepare_tokens,
                                                                 then=load_prepared)
     trainer = Trainer(config, tokenizers, train_data, valid_data, valid_text.tgt, progress_bars,
-                      world, stream=train_corpus if dc.streaming else None)
+                      world, stream=train_corpus if dc.streaming else None,
+                      train_text=None if dc.streaming else train_corpus)
     if resume:
         trainer.restore(run_dir / "last.pt")
         if world.is_main:
             trim_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
+    elif init is not None:
+        # Fine-tuning: the start run's weights, with the fresh optimizer, schedule and
+        # progress (step 0) the Trainer was built with.
+        trainer.model.load_state_dict(init.weights)
     summary = trainer.train()
     summary.update(
         parameters=trainer.model.num_parameters(), device=str(trainer.device),

@@ -3,6 +3,8 @@ scoring given translations (forced decoding)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from tinyt.config import MAX_BEAM_SIZE, DecodingConfig
 from tinyt.errors import TinytError
 from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
-from tinyt.search import beam_search, max_output_lengths, nbest_search
+from tinyt.search import beam_search, max_output_lengths, nbest_search, sample_search
 from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
 
 # Scores (hypotheses x vocabulary) one decoding batch may hold at a step: 128 MiB of float32.
@@ -129,6 +131,40 @@ class Translator:
             result[i] = [(text, score) for text, (_, score) in zip(texts, hyps)]
         return result
 
+    def sample(self, sentences: Sequence[str], n: int = 1, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 1,
+               length_penalty: float | None = None, progress: bool = False
+               ) -> list[list[tuple[str, float]]]:
+        """`n` random translations of each sentence, with their scores (as `translate_nbest`
+        scores hypotheses), one list per input in input order, in the order drawn: for
+        back-translation and data augmentation. See `tinyt.search.sample_search` for
+        `temperature`, `top_k` and `top_p`. Draw j of input i comes from a generator seeded by
+        (seed, i, j): the same inputs and arguments give the same translations, however they
+        are batched. Inputs `translate` gives "" for give [("", 0.0)]."""
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise TinytError(f"temperature {temperature} is impossible; use a number > 0 (1: "
+                             "the model's own distribution)")
+        if top_k < 0 or not 0 < top_p <= 1 or n < 1:
+            raise TinytError(f"top_k={top_k}, top_p={top_p}, n={n}: use top_k >= 0 (0: no "
+                             "cut), top_p in (0, 1] (1: no cut) and n >= 1")
+        sentences = list(sentences)
+        _, penalty = self.search_settings(1, length_penalty)
+        real = [i for i, s in enumerate(sentences) if s.strip()]
+        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
+        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
+        # Draw j of input i is row i * n + j, seeded by (seed, i, j).
+        seeds = [_draw_seed(seed, i, j) for i in real for j in range(n)]
+        rows = [ids for ids in src_ids for _ in range(n)]
+        out = self._decode(rows, 1, progress, lambda src, max_len, chunk: sample_search(
+            self.model, src, max_len, [seeds[k] for k in chunk], temperature, top_k, top_p,
+            penalty))
+        result: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
+        texts = self.tokenizers.decode_tgt([ids for ids, _ in out]) if out else []
+        for k, i in enumerate(real):
+            draws = range(k * n, (k + 1) * n)
+            result[i] = [(texts[d], out[d][1]) for d in draws]
+        return result
+
     def search_settings(self, beam_size: int | None, length_penalty: float | None
                         ) -> tuple[int, float]:
         """(beam size, length penalty): the arguments, or the decoding config's where None."""
@@ -161,8 +197,8 @@ class Translator:
         beam, penalty = self.search_settings(beam_size, length_penalty)
         # beam_search is looked up at each call, so that it can be replaced (in tests).
         return self._decode(src_ids, beam, progress,
-                            lambda src, max_len: beam_search(self.model, src, max_len, beam,
-                                                             penalty))
+                            lambda src, max_len, _: beam_search(self.model, src, max_len, beam,
+                                                                penalty))
 
     @torch.no_grad()
     def translate_nbest_ids(self, src_ids: list[list[int]], nbest: int,
@@ -172,14 +208,15 @@ class Translator:
         <bos>/<eos>, score) pairs, best first (see `translate_nbest`), in input order."""
         beam, penalty = self.search_settings(beam_size, length_penalty)
         return self._decode(src_ids, beam, progress,
-                            lambda src, max_len: nbest_search(self.model, src, max_len, beam,
-                                                              nbest, penalty))
+                            lambda src, max_len, _: nbest_search(self.model, src, max_len, beam,
+                                                                 nbest, penalty))
 
     def _decode(self, src_ids: list[list[int]], beam: int, progress: bool,
-                search: Callable[[torch.Tensor, torch.Tensor], list]) -> list:
-        """`search(src (B, S), max_len (B,))`'s per-sentence results for every source, in
-        input order: sources cut to the model's positions, then decoded longest first in
-        batches of similar length whose beam x vocabulary scores stay bounded."""
+                search: Callable[[torch.Tensor, torch.Tensor, list[int]], list]) -> list:
+        """`search(src (B, S), max_len (B,), indices)`'s per-sentence results for every source
+        (indices: each row's place in `src_ids`), in input order: sources cut to the model's
+        positions, then decoded longest first in batches of similar length whose beam x
+        vocabulary scores stay bounded."""
         src_ids = self.fit_to_positions(src_ids)
         order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
         results: list = [[] for _ in src_ids]
@@ -200,7 +237,7 @@ class Translator:
             max_len = max_output_lengths(src, self.decoding.max_len_ratio,
                                          self.decoding.max_len_offset, self.max_positions - 1)
             with autocast(self.device, self.amp_dtype):
-                hyps = search(src, max_len)
+                hyps = search(src, max_len, chunk)
             for i, hyp in zip(chunk, hyps):
                 results[i] = hyp
             bar.update(len(chunk))
@@ -251,8 +288,14 @@ class Translator:
                 tgt_out[row, : len(t) + 1] = torch.tensor(t + [EOS_ID], dtype=torch.long)
             src, tgt_in, tgt_out = (x.to(self.device) for x in (src, tgt_in, tgt_out))
             with autocast(self.device, self.amp_dtype):
-                logits = self.model.logits(self.model(src, tgt_in))  # (b, T, V)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tgt_out[..., None])[..., 0]
+                logp = self.model.log_probs(src, tgt_in)  # (b, T, V)
+            logp = logp.float().gather(2, tgt_out[..., None])[..., 0]
             for row, i in enumerate(chunk):
                 results[i] = logp[row, : len(tgt_ids[i]) + 1].tolist()
         return results
+
+
+def _draw_seed(seed: int, sentence: int, draw: int) -> int:
+    """A 63-bit generator seed for draw `draw` of input `sentence`, unrelated to the others'."""
+    digest = hashlib.sha256(f"{seed}/{sentence}/{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -9,7 +9,9 @@ The data flows one way, source files -> pairs -> token ids -> batches, one modul
     corpus.py     `open_corpus`: a split of any size as a memory-mapped Arrow table (`Corpus`)
     pairs.py      `open_training_data`: the training split made fit to train on (normalisation,
                   duplicates dropped, valid/test held out, RUN/data/split.json)
-    token_ids.py  `tokenize`, `tokenize_corpus`: pairs -> flat id arrays (`TokenizedText`)
+    token_ids.py  `tokenize`, `tokenize_corpus`: pairs -> flat id arrays (`TokenizedText`);
+                  `sample_corpus`, `sample_token_ids`: one random segmentation a pair
+                  (subword regularization, tokenizer.sampling), cached an epoch at a time
     batches.py    `trainable_indices`, `make_batches`, `collate`: ids -> padded `Batch`es
     streaming.py  `stream_corpus`: pairs -> ids -> batches one window at a time
                   (`StreamingCorpus`, data.streaming)
@@ -40,7 +42,8 @@ from tinyt.data.pairs import (Carving, carve, describe_split_record, held_out_ho
                               normalize_text, open_training_data, read_split_record)
 from tinyt.data.sources import HELD_OUT_DIR, ParallelText, load_split, split_name
 from tinyt.data.streaming import StreamingCorpus, stream_corpus
-from tinyt.data.token_ids import TokenizedText, tokenize, tokenize_corpus
+from tinyt.data.token_ids import (TokenizedText, sample_corpus, sample_token_ids, tokenize,
+                                  tokenize_corpus)
 
 __all__ = [
     # sources.py
@@ -51,7 +54,7 @@ __all__ = [
     "open_training_data", "normalize_text", "carve", "Carving", "read_split_record",
     "describe_split_record", "held_out_home",
     # token_ids.py
-    "TokenizedText", "tokenize", "tokenize_corpus",
+    "TokenizedText", "tokenize", "tokenize_corpus", "sample_corpus", "sample_token_ids",
     # batches.py
     "trainable_indices", "make_batches", "Batch", "collate",
     # streaming.py

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tinyt.config import DataConfig
+from tinyt.config import DataConfig, SubwordSamplingConfig
 # The readers of local files and of the hub are called through their modules
 # (files._text_files, hub._load_hub_table): a test that fakes the disk or the hub patches
 # the one module that defines the reader.
@@ -26,7 +26,7 @@ from tinyt.data import files, hub
 from tinyt.data.batches import Batch, collate, make_batches, trainable_indices
 from tinyt.data.corpus import _chunks, _digest, _file_identity
 from tinyt.data.sources import _as_text, _check_fields, split_name
-from tinyt.data.token_ids import _encode_pairs
+from tinyt.data.token_ids import _encode_pairs, sample_token_ids
 from tinyt.errors import TinytError
 from tinyt.tokenizer import Tokenizers
 
@@ -60,17 +60,22 @@ class StreamingCorpus:
         return src, tgt
 
     def batches(self, tokenizers: Tokenizers, batch_tokens: int, max_len: int, seed: int,
-                epoch: int) -> Iterator[Batch]:
+                epoch: int, sampling: SubwordSamplingConfig | None = None) -> Iterator[Batch]:
         """One epoch of training batches: the stream is read `buffer` pairs at a time; each
         window is tokenized, its pairs outside 1..max_len tokens dropped (as
         `trainable_indices`), and its pairs length-bucketed by `make_batches` with a generator
         seeded from (seed, epoch, window number), so shuffling happens within a window and the
         same arguments give the same batches (a resumed run re-iterates and skips). Memory
-        holds one window's text and ids."""
+        holds one window's text and ids. With `sampling` (subword regularization) each window
+        is segmented at random, seeded as its batches are."""
         for window, pairs in enumerate(_chunks(self.pairs(), self.buffer)):
-            data = _encode_pairs(tokenizers, [s for s, _ in pairs], [t for _, t in pairs])
-            del pairs  # the window's text is no longer needed once it is encoded
-            generator = torch.Generator().manual_seed(_window_seed(seed, epoch, window))
+            src, tgt = [s for s, _ in pairs], [t for _, t in pairs]
+            del pairs
+            window_seed = _window_seed(seed, epoch, window)
+            data = (_encode_pairs(tokenizers, src, tgt) if sampling is None
+                    else sample_token_ids(tokenizers, src, tgt, sampling, window_seed, max_len))
+            del src, tgt  # the window's text is no longer needed once it is encoded
+            generator = torch.Generator().manual_seed(window_seed)
             for indices in make_batches(data, trainable_indices(data, max_len), batch_tokens,
                                         generator):
                 yield collate(data, indices)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tinyt.config import SubwordSamplingConfig
 from tinyt.data.corpus import _BAR_DELAY, Corpus, _digest
 from tinyt.data.sources import ParallelText
 from tinyt.errors import TinytError
@@ -108,6 +109,30 @@ def _encode_pairs(tokenizers: Tokenizers, src: list[str], tgt: list[str],
     return TokenizedText(*_concat_flat(src_parts), *_concat_flat(tgt_parts))
 
 
+def sample_token_ids(tokenizers: Tokenizers, src: list[str], tgt: list[str],
+                     sampling: SubwordSamplingConfig, seed: int, max_len: int) -> TokenizedText:
+    """Sentence pairs as ids of one random segmentation each (subword regularization,
+    tokenizer.sampling), for a streamed window or a batch of `sample_corpus`: the same `seed`
+    gives the same ids within one process (not in another: SentencePiece salts its generator
+    per process). A sampled side longer than `max_len` tokens (sampling cuts words into more
+    pieces) takes its best segmentation instead, so a pair that trains without sampling trains
+    with it."""
+    src_seed, tgt_seed = _side_seeds(seed)
+    sides = [tokenizers.sample_src(src, sampling, src_seed),
+             tokenizers.sample_tgt(tgt, sampling, tgt_seed)]
+    for ids, text, encode in zip(sides, (src, tgt), (tokenizers.encode_src, tokenizers.encode_tgt)):
+        overlong = [i for i, sentence in enumerate(ids) if len(sentence) > max_len]
+        for i, best in zip(overlong, encode([text[i] for i in overlong]) if overlong else []):
+            ids[i] = best
+    return TokenizedText(*_flatten(sides[0]), *_flatten(sides[1]))
+
+
+def _side_seeds(seed: int) -> tuple[int, int]:
+    """Two 32-bit seeds, for the source and the target side, unrelated to other seeds'."""
+    digest = hashlib.sha256(f"subword-sampling/{seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
 def tokenize(text: ParallelText, tokenizers: Tokenizers, cache_dir: str | Path | None = None,
              desc: str = "tokenizing") -> TokenizedText:
     """Encode both sides with SentencePiece; with `cache_dir`, reuse ids computed before for
@@ -148,16 +173,46 @@ def tokenize_corpus(corpus: Corpus, tokenizers: Tokenizers, cache_dir: str | Pat
     renamed into place. A second call with the same corpus and tokenizer maps those files
     again without tokenizing. Nothing may write to the tensors (the pages are read-only).
     """
-    cache_dir = Path(cache_dir)
     key = _digest("tokens", corpus.fingerprint, tokenizers.fingerprint)
-    folder = cache_dir / f"tokens-{key}"
+    return _cached_token_arrays(corpus, Path(cache_dir), f"tokens-{key}", num_proc, desc,
+                                _encode_columns, {"src": tokenizers.src, "tgt": tokenizers.tgt})
+
+
+def sample_corpus(corpus: Corpus, tokenizers: Tokenizers, cache_dir: str | Path,
+                  sampling: SubwordSamplingConfig, seed: int, max_len: int, name: str,
+                  num_proc: int = 1, desc: str = "sampling subwords") -> TokenizedText:
+    """One random segmentation of every pair of `corpus` (subword regularization: one epoch's
+    worth), as `tokenize_corpus` returns ids, pair for pair in the same order. A sampled side
+    longer than `max_len` tokens takes its best segmentation (as `sample_token_ids`).
+
+    The ids are kept in `cache_dir/NAME-KEY/` (KEY from the corpus, tokenizer, sampling
+    settings, `seed` and `max_len`), and a second call returns them unchanged: that is what
+    makes a resumed run train on the same segmentations. Sampling again would not repeat them,
+    because SentencePiece salts its generator in every process. Folders under other names are
+    the caller's to remove.
+    """
+    key = _digest("sampled-tokens", corpus.fingerprint, tokenizers.fingerprint,
+                  [sampling.alpha, sampling.nbest], seed, max_len)
+    return _cached_token_arrays(corpus, Path(cache_dir), f"{name}-{key}", num_proc, desc,
+                                _sample_columns,
+                                {"tokenizers": tokenizers, "sampling": sampling, "seed": seed,
+                                 "max_len": max_len}, with_indices=True)
+
+
+def _cached_token_arrays(corpus: Corpus, cache_dir: Path, name: str, num_proc: int,
+                         desc: str, function, fn_kwargs: dict, with_indices: bool = False
+                         ) -> TokenizedText:
+    """The ids `function` (a `datasets.map` function, see `_encode_columns`) makes of
+    `corpus`, cached in `cache_dir/NAME/` as memory-mapped .npy arrays; read back when there."""
+    folder = cache_dir / name
     cached = _load_token_arrays(folder)
     if cached is not None:
         return cached
     with writing(folder):
         cache_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)  # damaged, or half-copied by hand
-        _encode_into_arrays(corpus, tokenizers, cache_dir, key, num_proc, desc)
+        _encode_into_arrays(corpus, cache_dir, name, num_proc, desc, function, fn_kwargs,
+                            with_indices)
     result = _load_token_arrays(folder)
     if result is None:
         raise TinytError(f"the token ids written to {folder} cannot be read back; check the disk "
@@ -165,22 +220,22 @@ def tokenize_corpus(corpus: Corpus, tokenizers: Tokenizers, cache_dir: str | Pat
     return result
 
 
-def _encode_into_arrays(corpus: Corpus, tokenizers: Tokenizers, cache_dir: Path, key: str,
-                        num_proc: int, desc: str) -> None:
-    """Tokenize `corpus` with `datasets.map` and copy the ids into `cache_dir/tokens-KEY/`."""
-    folder = cache_dir / f"tokens-{key}"
+def _encode_into_arrays(corpus: Corpus, cache_dir: Path, name: str, num_proc: int, desc: str,
+                        function, fn_kwargs: dict, with_indices: bool) -> None:
+    """Tokenize `corpus` with `datasets.map` and copy the ids into `cache_dir/NAME/`."""
+    folder = cache_dir / name
     processes = max(1, min(num_proc, len(corpus) // MIN_PAIRS_PER_PROCESS))
     encoded = corpus.dataset.map(
-        _encode_columns, batched=True, num_proc=processes if processes > 1 else None,
+        function, batched=True, num_proc=processes if processes > 1 else None,
         # SentencePiece processors pickle (as their model bytes) to reach worker processes;
         # the explicit fingerprint spares datasets from hashing them.
-        fn_kwargs={"src": tokenizers.src, "tgt": tokenizers.tgt},
+        fn_kwargs=fn_kwargs, with_indices=with_indices,
         remove_columns=list(corpus.dataset.column_names), features=_token_features(),
-        new_fingerprint=key, cache_file_name=str(cache_dir / f"tokens-{key}.arrow"), desc=desc)
+        new_fingerprint=name, cache_file_name=str(cache_dir / f"{name}.arrow"), desc=desc)
     _write_token_arrays(encoded, folder, desc)
     del encoded
     # The map's Arrow files (one a process) duplicate the .npy arrays: free the disk.
-    for path in cache_dir.glob(f"tokens-{key}*.arrow"):
+    for path in cache_dir.glob(f"{name}*.arrow"):
         path.unlink(missing_ok=True)
 
 
@@ -196,6 +251,18 @@ def _encode_columns(batch: dict[str, list[str]], src: spm.SentencePieceProcessor
     """`datasets.map` function: {"src", "tgt"} sentences -> {"src_ids", "tgt_ids"} ids."""
     return {"src_ids": src.encode(batch["src"], out_type=int),
             "tgt_ids": tgt.encode(batch["tgt"], out_type=int)}
+
+
+def _sample_columns(batch: dict[str, list[str]], indices: list[int], tokenizers: Tokenizers,
+                    sampling: SubwordSamplingConfig, seed: int, max_len: int
+                    ) -> dict[str, list[list[int]]]:
+    """`datasets.map` function: {"src", "tgt"} sentences -> {"src_ids", "tgt_ids"}, one random
+    segmentation each; each map batch draws from its own seed (from `seed` and its first row),
+    so batches are not cut alike."""
+    data = sample_token_ids(tokenizers, batch["src"], batch["tgt"], sampling,
+                            seed * 1_000_003 + (indices[0] if indices else 0), max_len)
+    return {"src_ids": [data.src(i).tolist() for i in range(len(data))],
+            "tgt_ids": [data.tgt(i).tolist() for i in range(len(data))]}
 
 
 def _write_token_arrays(encoded: datasets.Dataset, folder: Path, desc: str) -> None:
