@@ -94,6 +94,9 @@ def test_cli_translates_scores_and_evaluates_with_an_ensemble(trained, pairs, tm
     out = invoke("translate", "--run", trained, "--run", second, "-i", source, "--beam", "3")
     assert out.exit_code == 0, out.output
     assert out.stdout.splitlines() == ensemble.translate(sources, beam_size=3)
+    api = Translator.ensemble([trained, second], device="cpu")
+    assert api.translate(sources, beam_size=3) == out.stdout.splitlines()
+    assert api.translate(sources, beam_size=3) != members[1].translate(sources, beam_size=3)
 
     target = tmp_path / "ref.en"
     target.write_text("".join(t + "\n" for t in pairs[1][:8]), encoding="utf-8")

@@ -388,31 +388,11 @@ def _load_for_command(runs: Optional[List[Path]], model_files: Optional[List[Pat
 
 def _load_ensemble(runs: list[Path], model_files: list[Path], checkpoint: str,
                    overrides: Optional[List[str]]):
-    """`_load_for_command` for several runs and bundles: their models as one `Ensemble`,
-    checked to translate the same languages with the same vocabularies."""
-    from tinyt.bundle import load_for_inference
+    """`_load_for_command` for several runs and bundles: their models as one `Ensemble`."""
     from tinyt.config import override_config
-    from tinyt.ensemble import Ensemble, check_same_vocabularies
+    from tinyt.ensemble import load_ensemble
 
-    members = [(run, None) for run in runs] + [(None, path) for path in model_files]
-    loaded, names = [], []
-    for run, bundle in members:
-        if bundle is not None and bundle.is_dir():
-            raise TinytError(f"{bundle} is a folder (a CTranslate2 export?); an ensemble is made "
-                             "of runs (--run) and bundle files (--model FILE.tinyt)")
-        loaded.append(load_for_inference(run, bundle, checkpoint))
-        names.append(str(run if run is not None else bundle))
-    pairs = {(c.data.src_lang, c.data.tgt_lang) for c, _, _, _ in loaded}
-    if len(pairs) > 1:
-        raise TinytError(f"the ensemble's models translate different languages ("
-                         f"{', '.join(f'{s}->{t}' for s, t in sorted(pairs))}); give runs of "
-                         "one language pair")
-    check_same_vocabularies([tokenizers for _, tokenizers, _, _ in loaded], names)
-    config, tokenizers, _, payload = loaded[0]
-    model = Ensemble([m for _, _, m, _ in loaded])
-    payload = {"progress": {"step": None}, "source": {"checkpoint": None},
-               "members": [f"{name}/{checkpoint}" if run is not None else name
-                           for name, (run, _) in zip(names, members)]}
+    config, tokenizers, model, payload = load_ensemble(runs, model_files, checkpoint)
     config = override_config(config, overrides or [], check_paths=False)
     return (runs[0] if runs else None), config, tokenizers, model, payload
 

@@ -65,6 +65,20 @@ class Translator:
                          "bundle file made by `tinyt export`")
 
     @classmethod
+    def ensemble(cls, paths: Sequence[str | Path], device: str = "auto",
+                 checkpoint: str = "best.pt") -> Translator:
+        """A translator decoding with several runs (their `checkpoint`) and bundle files as
+        one model, their log-probabilities averaged at every step (tinyt.ensemble). They must
+        translate one language pair with the same vocabularies (else TinytError)."""
+        from tinyt.ensemble import load_ensemble
+
+        paths = [Path(p) for p in paths]
+        config, tokenizers, model, _ = load_ensemble([p for p in paths if p.is_dir()],
+                                                     [p for p in paths if not p.is_dir()],
+                                                     checkpoint)
+        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
+
+    @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best.pt",
                  device: str = "auto") -> Translator:
         config, tokenizers, model, _ = load_trained(run_dir, checkpoint)
