@@ -625,8 +625,9 @@ def _sampling_options(sample: bool, beam: Optional[int], temperature: Optional[f
     if not sample:
         stray = [name for name, value in given.items() if value is not None]
         if stray:
-            raise TinytError(f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only to sampling; add --sample (or drop "
-                             f"{'them' if len(stray) > 1 else 'it'})")
+            several = len(stray) > 1
+            raise TinytError(f"{', '.join(stray)} {'apply' if several else 'applies'} only to "
+                             f"sampling; add --sample (or drop {'them' if several else 'it'})")
         return None
     if beam is not None:
         raise TinytError("--beam and --sample exclude each other: sampling draws one token at a "

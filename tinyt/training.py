@@ -69,6 +69,7 @@ class Progress:
     nonfinite_steps: int = 0  # updates skipped because the loss or gradients were not finite
     nonfinite_in_a_row: int = 0
 
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed for one epoch's subword sampling, unrelated to its neighbours'."""
     digest = hashlib.sha256(f"{seed}/{epoch}/subword sampling".encode()).digest()
@@ -508,6 +509,10 @@ class Trainer:
         tc, max_len = self.config.train, self.config.data.max_len
         sampling = self.config.tokenizer.sampling
         if self.stream is not None:
+            if sampling is not None and start > 0 and self.world.is_main:
+                print(f"warning: streamed windows are sampled as they are read, so the rest of "
+                      f"epoch {epoch + 1} is cut into subwords otherwise than the interrupted "
+                      "run did (not cached as a whole corpus is)", file=sys.stderr)
             stream = self.stream.batches(self.tokenizers, tc.batch_tokens, max_len, tc.seed,
                                          epoch, sampling)
             return itertools.islice(stream, start, None), None
