@@ -375,11 +375,13 @@ def test_a_changed_metadata_value_is_found(bundle, tmp_path):
     metrics["best_valid_loss"] /= 2  # a better score than the run had, under the old checksum
     assert_damaged(rewrite_bundle(bundle, tmp_path / "metrics.tinyt",
                                   metrics=json.dumps(metrics, sort_keys=True)))
-    # One byte of the header itself, its length unchanged: "best.pt" -> "bast.pt".
+    # One byte of the header itself, its length unchanged: the source checkpoint "best.pt" ->
+    # "bast.pt".
     data = bundle.read_bytes()
-    assert data.count(b"best.pt") == 1
+    source = b'\\"checkpoint\\": \\"best.pt'
+    assert data.count(source) == 1
     edited = tmp_path / "source.tinyt"
-    edited.write_bytes(data.replace(b"best.pt", b"bast.pt"))
+    edited.write_bytes(data.replace(source, source.replace(b"best.pt", b"bast.pt")))
     assert_damaged(edited)
     assert_damaged(rewrite_bundle(bundle, tmp_path / "checksum.tinyt", checksum="0" * 64))
 

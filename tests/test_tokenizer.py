@@ -258,7 +258,8 @@ def test_multi30k_configs_keep_their_tokenizer(name):
     from dataclasses import asdict
 
     config = load_config(CONFIGS / name, check_paths=False)
-    assert asdict(config.tokenizer) == OLD_MULTI30K_TOKENIZERS[name]
+    assert config.tokenizer.sampling is None  # how training text is cut: not in the fingerprint
+    assert asdict(config.tokenizer) == {**OLD_MULTI30K_TOKENIZERS[name], "sampling": None}
     assert config.model.tie_embeddings is True and config.decoding.bleu_tokenize == "13a"
     assert fingerprint(config.tokenizer, ["a"], ["b"]) == fingerprint(
         TokenizerConfig(**OLD_MULTI30K_TOKENIZERS[name]), ["a"], ["b"])
