@@ -23,6 +23,7 @@ beam 5, each engine in a fresh process: sentences/s, test BLEU and peak resident
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import sys
@@ -37,7 +38,7 @@ from tinyt.checkpoint import load_trained  # noqa: E402
 from tinyt.config import Config, ModelConfig, load_config  # noqa: E402
 from tinyt.data import collate, load_split, make_batches, tokenize  # noqa: E402
 from tinyt.evaluation import score_translations, teacher_forced_nll  # noqa: E402
-from tinyt.hardware import set_threads  # noqa: E402
+from tinyt.hardware import cpu_has_native_bf16, set_threads  # noqa: E402
 from tinyt.tokenizer import train_or_load  # noqa: E402
 from tinyt.training import Trainer  # noqa: E402
 from tinyt.translation import Translator  # noqa: E402
@@ -90,12 +91,6 @@ def gemm_bound_gflops(m: ModelConfig, vocab: int, tokens: int, dtype: torch.dtyp
         total_seconds += (time.perf_counter() - start) * count
         total_flops += repeats * len(products) * 2 * tokens * n_in * n_out * count
     return total_flops / total_seconds / 1e9
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), as torch sees it."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def sync(device: torch.device) -> None:
@@ -262,6 +257,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compare-settings", action="store_true",
+                        help="also time training under fp32 and bf16 autocast, each with "
+                             "torch.compile off and on, in this run")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-engines", action="store_true",
                         help="skip the tinyt vs CTranslate2 decoding comparison (needs --run)")
@@ -321,6 +319,11 @@ def main() -> None:
         results["train_share_of_gemm_bound"] = round(
             results["train_achieved_tflops"] * 1000 / bound, 3)
 
+    if args.compare_settings:
+        results["settings"] = compare_settings(config, tokenizers, train_data, valid_data,
+                                               valid_text.tgt, args.warmup_steps,
+                                               args.train_steps, results)
+
     if args.run:
         run_config, run_tokenizers, model, _ = load_trained(args.run)
         translator = Translator(model, run_tokenizers, run_config.decoding, trainer.device,
@@ -339,7 +342,7 @@ def main() -> None:
     start = time.perf_counter()
     test_data = tokenize(test_text, translator.tokenizers)
     nll, _ = teacher_forced_nll(translator.model, test_data, config.train.batch_tokens,
-                                translator.device, translator.amp_dtype)
+                                translator.device, translator.score_amp_dtype)
     hyps = translator.translate(test_text.src, beam_size=5)
     scores = score_translations(hyps, test_text.tgt)
     results["test_eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -387,8 +390,56 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if "settings" in results:
+        print_settings_table(results["settings"])
     if engines:
         print_engine_table(engines, len(test_text))
+
+
+def compare_settings(config: Config, tokenizers, train_data, valid_data, valid_refs,
+                     warmup: int, steps: int, results: dict) -> list[dict]:
+    """Training speed under each of fp32 / bf16 autocast x torch.compile off / on, a fresh
+    Trainer each (same seed, same batches), with its share of the bound of its precision
+    (bf16's measured here too when the device has none in `results`)."""
+    rows = []
+    for amp in ("none", "bf16"):
+        for compiled in (False, True):
+            trial = copy.deepcopy(config)
+            trial.train.amp, trial.train.compile = amp, compiled
+            torch.manual_seed(config.train.seed)
+            print(f"training under amp={amp}, compile={compiled} ...", file=sys.stderr)
+            try:
+                trainer = Trainer(trial, tokenizers, train_data, valid_data, valid_refs,
+                                  progress_bars=False)
+                timed = bench_training(trial, trainer, warmup + (3 if compiled else 0), steps)
+            except Exception as exc:  # e.g. torch.compile without a C++ compiler
+                rows.append({"amp": amp, "compile": compiled,
+                             "error": " ".join(str(exc).split())[:120]})
+                continue
+            dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+            key = f"gemm_bound_gflops_{str(dtype).removeprefix('torch.')}"
+            if key not in results:
+                results[key] = round(gemm_bound_gflops(
+                    config.model, tokenizers.tgt_vocab_size, config.train.batch_tokens, dtype,
+                    trainer.device), 1)
+            rows.append({"amp": amp, "compile": compiled,
+                         "tgt_tokens_per_s": timed["train_tgt_tokens_per_s"],
+                         "tflops": timed["train_achieved_tflops"],
+                         "share_of_bound": round(timed["train_achieved_tflops"] * 1000
+                                                 / results[key], 3)})
+    return rows
+
+
+def print_settings_table(rows: list[dict]) -> None:
+    """Training speed by precision and compilation; the share is of that precision's bound."""
+    print("\n| amp | compile | target tokens/s | TFLOP/s | share of its matmul bound |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['amp']} | {row['compile']} | failed: {row['error']} | | |")
+        else:
+            print(f"| {row['amp']} | {row['compile']} | {row['tgt_tokens_per_s']:,.0f} | "
+                  f"{row['tflops']} | {row['share_of_bound']:.0%} |")
 
 
 def print_engine_table(engines: list[dict], sentences: int) -> None:

@@ -61,3 +61,49 @@ def test_benchmark_reports_the_matmul_bound_and_compares_decoding_engines(
     # float32 CTranslate2 decodes greedily exactly as tinyt does: the same BLEU.
     assert engines[0]["greedy_bleu"] == engines[1]["greedy_bleu"]
     assert "CTranslate2 int8" in result.stdout and "share of that bound" in result.stdout
+
+
+def test_compare_settings_times_each_precision_and_compilation(module_small_corpus,
+                                                                tiny_config_for, monkeypatch,
+                                                                tmp_path):
+    """--compare-settings: one row each for fp32/bf16 x compile off/on, each a fresh Trainer
+    with those settings, its share taken of its own precision's matmul bound. (torch.compile
+    is replaced by a recorder here: compiling takes minutes on 2 cores.)"""
+    import importlib.util
+
+    import torch
+
+    from tinyt.config import config_from_dict
+    from tinyt.data import load_split, tokenize
+    from tinyt.tokenizer import train_or_load
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    amps = []
+    real_trainer = benchmark.Trainer
+
+    def trainer(config, *args, **kwargs):
+        made = real_trainer(config, *args, **kwargs)
+        amps.append(made.amp)
+        return made
+
+    monkeypatch.setattr(benchmark, "Trainer", trainer)
+    config = config_from_dict(tiny_config_for(module_small_corpus, tmp_path / "run"))
+    train, valid = (load_split(config.data, split) for split in ("train", "valid"))
+    tokenizers = train_or_load(config.tokenizer, train.src, train.tgt, tmp_path / "tok")
+    results = {"gemm_bound_gflops_float32": 50.0}
+    rows = benchmark.compare_settings(config, tokenizers, tokenize(train, tokenizers),
+                                      tokenize(valid, tokenizers), valid.tgt, 1, 2, results)
+    assert [(r["amp"], r["compile"]) for r in rows] == [
+        ("none", False), ("none", True), ("bf16", False), ("bf16", True)]
+    assert amps == [None, None, torch.bfloat16, torch.bfloat16]
+    assert len(compiled) == 2
+    assert results["gemm_bound_gflops_bfloat16"] > 0  # measured for the bf16 rows
+    for row in rows:
+        assert row["tgt_tokens_per_s"] > 0
+        bound = results["gemm_bound_gflops_" + ("bfloat16" if row["amp"] == "bf16"
+                                                 else "float32")]
+        assert row["share_of_bound"] == pytest.approx(row["tflops"] * 1000 / bound, abs=0.01)

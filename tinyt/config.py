@@ -387,7 +387,9 @@ class TrainConfig:
     keep_checkpoints: int = 5  # weights of the last N validations as ckpt-STEP.pt (for averaging)
     log_every: int = 20  # steps between progress-bar updates (each costs a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
+    # auto: bf16 on CUDA; on a CPU with native bf16 (AVX512-BF16, AMX) bf16 for training and
+    # fp32 for decoding; fp32 on other CPUs (tinyt.hardware.amp_dtype) | none | bf16 | fp16
+    amp: str = "auto"
     num_threads: int = 0  # CPU threads for torch; 0: all cores
     compile: bool = False  # torch.compile the model
     # Fine-tuning (tinyt.finetuning): a trained run directory whose weights and vocabulary

@@ -311,7 +311,7 @@ class CTranslate2Translator(Translator):
         self.model = None  # no torch model: CTranslate2 holds the weights
         self.tokenizers = tokenizers
         self.decoding = config.decoding
-        self.amp_dtype = None
+        self.amp_dtype = self.score_amp_dtype = None
         self.max_positions = config.model.max_positions
         # Throughput over latency on a CPU: one batch per thread, decoded in parallel (on 2
         # cores, 1.2x the sentences/s of one batch on 2 threads at beam 5), with as many

@@ -109,7 +109,7 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | 
     if not isinstance(model, Translator):  # a Transformer, or an Ensemble of them
         translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
         nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens,
-                                           translator.device, translator.amp_dtype,
+                                           translator.device, translator.score_amp_dtype,
                                            progress=progress)
     else:  # a CTranslate2 export's translator (tinyt.ctranslate2_model) scores and decodes
         translator = model

@@ -37,13 +37,37 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `setting` (auto/none/bf16/fp16) on `device`, or None for fp32.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles), as
+    torch's own CPU query (cpuinfo, which oneDNN's kernels follow) reports it. Elsewhere bf16
+    matmuls are emulated and slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these queries
+        return False
 
-    auto means bf16 on CUDA (no loss scaling needed) and fp32 on the CPU, where bf16 matmuls
-    are slower than fp32 on most processors.
+
+# What train.amp: auto uses on a CPU with native bf16, by phase. Measured on a 2-core AMD EPYC
+# with AVX512-BF16 (issue 15): training 1.6x faster in bf16 (3,232 vs 2,012 target tokens/s),
+# beam-5 decoding slower (128 vs 144 sentences/s). Teacher-forced scoring is training's forward
+# pass, so it follows training.
+_CPU_AUTO_BF16_PHASES = ("train", "score")
+
+
+def amp_dtype(setting: str, device: torch.device, phase: str = "train") -> torch.dtype | None:
+    """The autocast dtype for `setting` (auto/none/bf16/fp16) on `device` in `phase` (train:
+    training steps; score: teacher-forced loss and log-probabilities; decode: search), or None
+    for fp32.
+
+    auto means bf16 on CUDA (no loss scaling needed); on a CPU with native bf16 matrix
+    instructions (`cpu_has_native_bf16`), bf16 for training and scoring and fp32 for decoding
+    (the phases where each is faster); fp32 on other CPUs, where bf16 is emulated and slower.
+    An explicit bf16 or fp16 applies to every phase.
     """
-    if setting == "none" or (setting == "auto" and device.type != "cuda"):
+    if setting == "auto" and device.type != "cuda":
+        native = phase in _CPU_AUTO_BF16_PHASES and cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
+    if setting == "none":
         return None
     if setting in ("auto", "bf16"):
         return torch.bfloat16

@@ -336,7 +336,8 @@ class Trainer:
         tc = self.config.train
         nll, _ = teacher_forced_nll(self.model, self.valid_data, tc.batch_tokens, self.device,
                                     self.amp)
-        result: dict[str, Any] = {"valid_loss": round(nll, 4), "valid_ppl": round(perplexity(nll), 3)}
+        result: dict[str, Any] = {"valid_loss": round(nll, 4),
+                                  "valid_ppl": round(perplexity(nll), 3)}
         if tc.valid_bleu:
             self.model.eval()
             translator = Translator(self.model, self.tokenizers, self.config.decoding,

@@ -39,7 +39,8 @@ class Translator:
         self.model = model.to(self.device).eval()
         self.tokenizers = tokenizers
         self.decoding = decoding
-        self.amp_dtype = amp_dtype(amp, self.device)
+        self.amp_dtype = amp_dtype(amp, self.device, "decode")  # search
+        self.score_amp_dtype = amp_dtype(amp, self.device, "score")  # teacher-forced passes
         self.max_positions = model.config.max_positions
 
     @classmethod
@@ -301,7 +302,7 @@ class Translator:
                 tgt_in[row, : len(t) + 1] = torch.tensor([BOS_ID] + t, dtype=torch.long)
                 tgt_out[row, : len(t) + 1] = torch.tensor(t + [EOS_ID], dtype=torch.long)
             src, tgt_in, tgt_out = (x.to(self.device) for x in (src, tgt_in, tgt_out))
-            with autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.score_amp_dtype):
                 logp = self.model.log_probs(src, tgt_in)  # (b, T, V)
             logp = logp.float().gather(2, tgt_out[..., None])[..., 0]
             for row, i in enumerate(chunk):
