@@ -151,6 +151,10 @@ def test_the_vocabulary_is_r_s_and_the_config_records_where_it_started(start_run
     assert last["progress"]["step"] == TUNE_STEPS  # counted from 0, not from R's 200
     assert last["tokenizer_fingerprint"] == load_checkpoint(
         start_run / "best.pt")["tokenizer_fingerprint"]
+    from tinyt.run_summary import format_run_info, run_info
+
+    assert f"fine-tuned from {start_run}/best.pt" in format_run_info(run_info(fine_tuned))
+    assert "fine-tuned" not in format_run_info(run_info(start_run))
 
 
 def test_it_says_the_tokenizer_section_is_replaced(start_run, domains, tiny_config_for,

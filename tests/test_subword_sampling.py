@@ -227,6 +227,9 @@ def test_resume_refuses_a_changed_sampling_setting(tmp_path, short_pairs):
     raw = tiny_config(tmp_path, tmp_path, max_steps=4, valid_every=2, batch_tokens=300)
     raw["tokenizer"]["sampling"] = {"alpha": 0.2}
     train(config_from_dict(raw), progress_bars=False)
+    from tinyt.run_summary import format_run_info, run_info
+
+    assert "subword sampling (alpha 0.2, nbest 64)" in format_run_info(run_info(raw["run_dir"]))
     raw["tokenizer"]["sampling"] = {"alpha": 0.5}
     raw["train"]["max_steps"] = 6
     with pytest.raises(TinytError, match="tokenizer.sampling changed"):

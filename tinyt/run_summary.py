@@ -12,6 +12,8 @@ once the run directory is gone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -59,7 +61,9 @@ def _describe_config(config: Config, tokenizers: Tokenizers, parameters: int) ->
         "languages": {"src": config.data.src_lang, "tgt": config.data.tgt_lang},
         "vocab": {"joint": tokenizers.src is tokenizers.tgt,
                   "src_size": tokenizers.src_vocab_size, "tgt_size": tokenizers.tgt_vocab_size,
-                  "model_type": config.tokenizer.model_type},
+                  "model_type": config.tokenizer.model_type,
+                  "sampling": (dataclasses.asdict(config.tokenizer.sampling)
+                               if config.tokenizer.sampling is not None else None)},
         "model": {"d_model": m.d_model, "n_heads": m.n_heads, "enc_layers": m.enc_layers,
                   "dec_layers": m.dec_layers, "d_ff": m.d_ff, "activation": m.activation,
                   "pre_norm": m.pre_norm, "tie_embeddings": m.tie_embeddings,
@@ -67,7 +71,8 @@ def _describe_config(config: Config, tokenizers: Tokenizers, parameters: int) ->
         "train": {"batch_tokens": t.batch_tokens, "lr": t.lr, "warmup_steps": t.warmup_steps,
                   "max_epochs": t.max_epochs, "max_steps": t.max_steps,
                   "label_smoothing": t.label_smoothing, "seed": t.seed,
-                  "keep_checkpoints": t.keep_checkpoints},
+                  "keep_checkpoints": t.keep_checkpoints, "init_from": t.init_from,
+                  "init_checkpoint": t.init_checkpoint if t.init_from else None},
         "decoding": {"beam_size": config.decoding.beam_size,
                      "length_penalty": config.decoding.length_penalty},
     }
@@ -159,6 +164,20 @@ def run_info(path: str | Path) -> dict[str, Any]:
             "sizes": {path.name: path.stat().st_size, "total": path.stat().st_size}}
 
 
+def _format_extras(info: dict[str, Any]) -> str:
+    """The train line's tail for subword sampling and fine-tuning, when a run has them."""
+    extras = ""
+    sampling = info["vocab"].get("sampling")
+    if sampling:
+        extras += (f", subword sampling (alpha {sampling['alpha']:g}"
+                   + (f", nbest {sampling['nbest']}" if info["vocab"]["model_type"] == "unigram"
+                      else "") + ")")
+    if info["train"].get("init_from"):
+        extras += (f", fine-tuned from {info['train']['init_from']}/"
+                   f"{info['train']['init_checkpoint']}")
+    return extras
+
+
 def _format_data(data: dict[str, Any]) -> str:
     """The data line of `format_run_info`: e.g. `data: en (Latin) -> zh (Han), 29,155 pairs in
     cmn-eng.tsv.gz: 114 duplicates dropped, held out 1,000 valid + 1,000 test; ...`."""
@@ -206,7 +225,7 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"{', tied embeddings' if m['tie_embeddings'] else ''})",
         f"  train: batch {info['train']['batch_tokens']} tokens, lr {info['train']['lr']:g}, "
         f"warmup {info['train']['warmup_steps']}, label smoothing "
-        f"{info['train']['label_smoothing']:g}",
+        f"{info['train']['label_smoothing']:g}" + _format_extras(info),
     ]
     if val["best_valid_loss"] is not None:
         line = (f"  best valid loss {val['best_valid_loss']:.4f} (step "
