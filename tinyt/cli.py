@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import math
 import os
 import sys
 import traceback
@@ -442,8 +441,8 @@ def stream_translations(translator, lines, out, beam: Optional[int],
         else:
             if sampling is not None:
                 # Seeded as line `index` of a file, so interactive draws match `-i FILE`'s.
-                hyps = translator.sample([""] * index + [line], nbest or 1,
-                                         length_penalty=length_penalty, **sampling)[index]
+                hyps = translator.sample([line], nbest or 1, length_penalty=length_penalty,
+                                         start=index, **sampling)[0]
             else:
                 hyps = translator.translate_nbest([line], nbest or 1, beam_size=beam,
                                                   length_penalty=length_penalty)[0]
@@ -632,16 +631,13 @@ def _sampling_options(sample: bool, beam: Optional[int], temperature: Optional[f
     if beam is not None:
         raise TinytError("--beam and --sample exclude each other: sampling draws one token at a "
                          "time; drop one of them")
+    from tinyt.search import check_sampling
+
     options = {"temperature": 1.0 if temperature is None else temperature,
                "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
                "seed": 1 if seed is None else seed}
-    if not (options["temperature"] > 0 and math.isfinite(options["temperature"])):
-        raise TinytError(f"--temperature {temperature} is impossible; use a number > 0 (1: the "
-                         "model's own distribution)")
-    if options["top_k"] < 0:
-        raise TinytError(f"--top-k {top_k} is impossible; use 0 (all tokens) or more")
-    if not 0 < options["top_p"] <= 1:
-        raise TinytError(f"--top-p {top_p} is impossible; use a number in (0, 1] (1: all tokens)")
+    check_sampling(options["temperature"], options["top_k"], options["top_p"],
+                   ("--temperature", "--top-k", "--top-p"))
     if not 0 <= options["seed"] < 2**63:
         raise TinytError(f"--seed {seed} is impossible; use a number in [0, 2^63)")
     return options

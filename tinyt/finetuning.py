@@ -30,14 +30,10 @@ import torch
 from tinyt.checkpoint import _other_checkpoints, load_trained
 from tinyt.config import Config, ConfigError, config_from_dict
 from tinyt.errors import TinytError
-from tinyt.tokenizer import Tokenizers
-from tinyt.writing import atomic_write_bytes, writing
+from tinyt.tokenizer import TOKENIZER_FILES, Tokenizers, write_tokenizer_files
 
 # Model settings a fine-tuned run may set differently from the run it starts from.
 FREE_MODEL_KEYS = ("dropout", "attn_dropout", "act_dropout")
-# Every file a tokenizer/ folder may hold (tinyt.tokenizer.train_or_load writes them).
-_TOKENIZER_FILES = ("meta.json",) + tuple(f"{side}.{kind}" for side in ("joint", "src", "tgt")
-                                         for kind in ("model", "vocab"))
 
 
 @dataclass
@@ -130,7 +126,7 @@ def _read_tokenizer_files(folder: Path, joint: bool, fingerprint: str) -> dict[s
     and writes it back after them, so a meta.json that still holds `fingerprint` once the
     models are read vouches for them."""
     sides = ("joint",) if joint else ("src", "tgt")
-    names = [name for name in _TOKENIZER_FILES if name.split(".")[0] in sides] + ["meta.json"]
+    names = [name for name in TOKENIZER_FILES if name.split(".")[0] in sides] + ["meta.json"]
     files = {}
     for name in names:
         try:
@@ -175,16 +171,7 @@ def copy_tokenizer(source: InitSource, folder: Path) -> Tokenizers:
     """Write the start run's tokenizer files into `folder` (the new run's tokenizer/), byte
     for byte, removing any other tokenizer files there (left by an --overwrite'n run), and
     load them."""
-    meta = folder / "meta.json"
-    # As tinyt.tokenizer.train_or_load writes them: meta.json vouches for the models beside
-    # it, so it goes first and comes back last; an interrupted copy never leaves it vouching
-    # for other models. Each file is written atomically.
-    with writing(meta):
-        for name in _TOKENIZER_FILES:
-            if name == "meta.json" or name not in source.tokenizer_files:
-                (folder / name).unlink(missing_ok=True)
-    for name, data in source.tokenizer_files.items():
-        if name != "meta.json":
-            atomic_write_bytes(folder / name, data)
-    atomic_write_bytes(meta, source.tokenizer_files["meta.json"])
+    write_tokenizer_files(folder, source.tokenizer_files,
+                          remove=[name for name in TOKENIZER_FILES
+                                  if name not in source.tokenizer_files])
     return Tokenizers.load(folder)

@@ -125,6 +125,20 @@ def sample_search(model: Transformer, src: torch.Tensor, max_len: torch.Tensor,
     return results
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float,
+                   names: tuple[str, str, str] = ("temperature", "top_k", "top_p")) -> None:
+    """Raise TinytError, naming the setting as `names` spell them, unless `sample_search`
+    can use these values."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise TinytError(f"{names[0]} {temperature} is impossible; use a number > 0 (1: the "
+                         "model's own distribution)")
+    if top_k < 0:
+        raise TinytError(f"{names[1]} {top_k} is impossible; use 0 (all tokens) or more")
+    if not 0 < top_p <= 1:
+        raise TinytError(f"{names[2]} {top_p} is impossible; use a number in (0, 1] (1: all "
+                         "tokens)")
+
+
 def _draw(logp: torch.Tensor, generators: list[torch.Generator], temperature: float,
           top_k: int, top_p: float) -> torch.Tensor:
     """(b,) tokens drawn from logp (b, V) as `sample_search` says, row i with generators[i]:

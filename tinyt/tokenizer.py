@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import sentencepiece as spm
 
 from tinyt.config import SubwordSamplingConfig, TokenizerConfig
 from tinyt.errors import TinytError
-from tinyt.writing import atomic_write_bytes, atomic_write_text, writing
+from tinyt.writing import atomic_write_bytes, writing
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -232,18 +233,40 @@ def train_or_load(config: TokenizerConfig, src_lines: list[str], tgt_lines: list
     names = ["joint"] if config.joint else ["src", "tgt"]
     texts = [src_lines + tgt_lines] if config.joint else [src_lines, tgt_lines]
     models = {name: _train_model(lines, config, seed) for name, lines in zip(names, texts)}
-    # meta.json vouches for the models beside it: it goes first and comes back last, so an
-    # interrupted or failed write never leaves it vouching for other models. Each file is
-    # written atomically, so none is ever a truncated model.
-    with writing(meta_path):
-        meta_path.unlink(missing_ok=True)
+    files = {}
     for name, model in models.items():
-        atomic_write_bytes(directory / f"{name}.model", model)
-        atomic_write_text(directory / f"{name}.vocab", _vocab_listing(model))
+        files[f"{name}.model"] = model
+        files[f"{name}.vocab"] = _vocab_listing(model).encode("utf-8")
     meta = {"fingerprint": key, "joint": config.joint, "config": asdict(config),
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}}
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    files["meta.json"] = json.dumps(meta, indent=2).encode("utf-8")
+    write_tokenizer_files(directory, files)
     return Tokenizers.load(directory)
+
+
+# Every file a tokenizer folder may hold: meta.json, and a model and its .vocab listing for
+# the joint vocabulary or for each side.
+TOKENIZER_FILES = ("meta.json",) + tuple(f"{side}.{kind}" for side in ("joint", "src", "tgt")
+                                        for kind in ("model", "vocab"))
+
+
+def write_tokenizer_files(directory: Path, files: dict[str, bytes],
+                          remove: Iterable[str] = ()) -> None:
+    """Write a tokenizer folder's `files` (name -> bytes, meta.json among them).
+
+    meta.json vouches for the models beside it: it goes first and comes back last, so an
+    interrupted or failed write never leaves it vouching for other models; the files named in
+    `remove` go while it is gone. Each file is written atomically, so none is ever a
+    truncated model."""
+    meta_path = directory / "meta.json"
+    with writing(meta_path):
+        meta_path.unlink(missing_ok=True)
+        for name in remove:
+            (directory / name).unlink(missing_ok=True)
+    for name, data in files.items():
+        if name != "meta.json":
+            atomic_write_bytes(directory / name, data)
+    atomic_write_bytes(meta_path, files["meta.json"])
 
 
 def saved_tokenizers(config: TokenizerConfig, src_lines: list[str], tgt_lines: list[str],

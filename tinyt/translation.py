@@ -4,7 +4,6 @@ scoring given translations (forced decoding)."""
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,8 @@ from tinyt.config import MAX_BEAM_SIZE, DecodingConfig
 from tinyt.errors import TinytError
 from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
 from tinyt.model import Transformer
-from tinyt.search import beam_search, max_output_lengths, nbest_search, sample_search
+from tinyt.search import (beam_search, check_sampling, max_output_lengths, nbest_search,
+                          sample_search)
 from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
 
 # Scores (hypotheses x vocabulary) one decoding batch may hold at a step: 128 MiB of float32.
@@ -108,11 +108,7 @@ class Translator:
         if isinstance(sentences, str):
             return self.translate([sentences], beam_size, length_penalty, progress)[0]
         sentences = list(sentences)
-        real = [i for i, s in enumerate(sentences) if s.strip()]
-        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
-        # Text the vocabulary reads as nothing (control characters, zero-width spaces) has
-        # nothing to translate either.
-        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
+        real, src_ids = self._encode_inputs(sentences)
         out_ids = self.translate_ids(src_ids, beam_size, length_penalty, progress)
         texts = self.tokenizers.decode_tgt(out_ids) if out_ids else []
         result = [""] * len(sentences)
@@ -136,9 +132,7 @@ class Translator:
         if not 1 <= nbest <= beam:
             raise TinytError(f"{nbest} best translations need a beam of at least {nbest} (the "
                              f"beam is {beam}); raise the beam size (--beam {nbest})")
-        real = [i for i, s in enumerate(sentences) if s.strip()]
-        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
-        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
+        real, src_ids = self._encode_inputs(sentences)
         out = self.translate_nbest_ids(src_ids, nbest, beam_size, length_penalty, progress)
         result: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
         for i, hyps in zip(real, out):
@@ -148,27 +142,23 @@ class Translator:
 
     def sample(self, sentences: Sequence[str], n: int = 1, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 1,
-               length_penalty: float | None = None, progress: bool = False
+               length_penalty: float | None = None, progress: bool = False, start: int = 0
                ) -> list[list[tuple[str, float]]]:
         """`n` random translations of each sentence, with their scores (as `translate_nbest`
         scores hypotheses), one list per input in input order, in the order drawn: for
         back-translation and data augmentation. See `tinyt.search.sample_search` for
         `temperature`, `top_k` and `top_p`. Draw j of input i comes from a generator seeded by
-        (seed, i, j): the same inputs and arguments give the same translations, however they
-        are batched. Inputs `translate` gives "" for give [("", 0.0)]."""
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise TinytError(f"temperature {temperature} is impossible; use a number > 0 (1: "
-                             "the model's own distribution)")
-        if top_k < 0 or not 0 < top_p <= 1 or n < 1:
-            raise TinytError(f"top_k={top_k}, top_p={top_p}, n={n}: use top_k >= 0 (0: no "
-                             "cut), top_p in (0, 1] (1: no cut) and n >= 1")
+        (seed, start + i, j): the same inputs and arguments give the same translations,
+        however they are batched, and `start` numbers the inputs from there (line `start` of a
+        file, translated on its own). Inputs `translate` gives "" for give [("", 0.0)]."""
+        check_sampling(temperature, top_k, top_p)
+        if n < 1:
+            raise TinytError(f"n={n} draws is impossible; use n >= 1")
         sentences = list(sentences)
         _, penalty = self.search_settings(1, length_penalty)
-        real = [i for i, s in enumerate(sentences) if s.strip()]
-        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
-        real, src_ids = [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
+        real, src_ids = self._encode_inputs(sentences)
         # Draw j of input i is row i * n + j, seeded by (seed, i, j).
-        seeds = [_draw_seed(seed, i, j) for i in real for j in range(n)]
+        seeds = [_draw_seed(seed, start + i, j) for i in real for j in range(n)]
         rows = [ids for ids in src_ids for _ in range(n)]
         out = self._decode(rows, 1, progress, lambda src, max_len, chunk: sample_search(
             self.model, src, max_len, [seeds[k] for k in chunk], temperature, top_k, top_p,
@@ -179,6 +169,14 @@ class Translator:
             draws = range(k * n, (k + 1) * n)
             result[i] = [(texts[d], out[d][1]) for d in draws]
         return result
+
+    def _encode_inputs(self, sentences: list[str]) -> tuple[list[int], list[list[int]]]:
+        """(indices of the inputs worth translating, their source ids). Empty or
+        whitespace-only inputs are left out, and so is text the vocabulary reads as nothing
+        (control characters, zero-width spaces): it has nothing to translate either."""
+        real = [i for i, s in enumerate(sentences) if s.strip()]
+        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
+        return [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
 
     def search_settings(self, beam_size: int | None, length_penalty: float | None
                         ) -> tuple[int, float]:

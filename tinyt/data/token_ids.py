@@ -117,14 +117,22 @@ def sample_token_ids(tokenizers: Tokenizers, src: list[str], tgt: list[str],
     per process). A sampled side longer than `max_len` tokens (sampling cuts words into more
     pieces) takes its best segmentation instead, so a pair that trains without sampling trains
     with it."""
+    src_ids, tgt_ids = _sampled_ids(tokenizers, src, tgt, sampling, seed, max_len)
+    return TokenizedText(*_flatten(src_ids), *_flatten(tgt_ids))
+
+
+def _sampled_ids(tokenizers: Tokenizers, src: list[str], tgt: list[str],
+                 sampling: SubwordSamplingConfig, seed: int, max_len: int
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+    """`sample_token_ids`'s (source, target) ids as lists, one list a sentence."""
     src_seed, tgt_seed = _side_seeds(seed)
-    sides = [tokenizers.sample_src(src, sampling, src_seed),
-             tokenizers.sample_tgt(tgt, sampling, tgt_seed)]
+    sides = (tokenizers.sample_src(src, sampling, src_seed),
+             tokenizers.sample_tgt(tgt, sampling, tgt_seed))
     for ids, text, encode in zip(sides, (src, tgt), (tokenizers.encode_src, tokenizers.encode_tgt)):
         overlong = [i for i, sentence in enumerate(ids) if len(sentence) > max_len]
         for i, best in zip(overlong, encode([text[i] for i in overlong]) if overlong else []):
             ids[i] = best
-    return TokenizedText(*_flatten(sides[0]), *_flatten(sides[1]))
+    return sides
 
 
 def _side_seeds(seed: int) -> tuple[int, int]:
@@ -259,10 +267,9 @@ def _sample_columns(batch: dict[str, list[str]], indices: list[int], tokenizers:
     """`datasets.map` function: {"src", "tgt"} sentences -> {"src_ids", "tgt_ids"}, one random
     segmentation each; each map batch draws from its own seed (from `seed` and its first row),
     so batches are not cut alike."""
-    data = sample_token_ids(tokenizers, batch["src"], batch["tgt"], sampling,
-                            seed * 1_000_003 + (indices[0] if indices else 0), max_len)
-    return {"src_ids": [data.src(i).tolist() for i in range(len(data))],
-            "tgt_ids": [data.tgt(i).tolist() for i in range(len(data))]}
+    src_ids, tgt_ids = _sampled_ids(tokenizers, batch["src"], batch["tgt"], sampling,
+                                    seed * 1_000_003 + (indices[0] if indices else 0), max_len)
+    return {"src_ids": src_ids, "tgt_ids": tgt_ids}
 
 
 def _write_token_arrays(encoded: datasets.Dataset, folder: Path, desc: str) -> None:
