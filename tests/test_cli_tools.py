@@ -155,6 +155,7 @@ def test_shell_completion_offers_commands():
 
 
 def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`tinyt ARGS` in this process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() wraps it; put it back afterwards
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in args])

@@ -26,17 +26,11 @@ from tinyt.errors import TinytError
 from tinyt.evaluation import teacher_forced_nll
 from tinyt.translation import Translator
 
+from test_cli_tools import run_main
+from test_training import assert_same_last_checkpoint
+
 START_STEPS = 200  # R's training
 TUNE_STEPS = 60  # a fine-tuning run's
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`tinyt ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() wraps it; put it back afterwards
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -222,31 +216,28 @@ def test_step_0_has_r_s_weights_and_a_fresh_optimizer(start_run, domains, tiny_c
 
 def test_a_fine_tuned_run_resumes_from_its_own_last_pt_without_r(
         start_run, domains, tiny_config_for, write_config, tmp_path, monkeypatch, capsys):
+    def fine_tune(start: Path, name: str, max_steps: int) -> Path:
+        run = tmp_path / name
+        config = tune_config(tiny_config_for, write_config, domains, tmp_path / f"{name}-config",
+                             run, max_steps=max_steps, valid_every=20)
+        code, _, err = run_main(monkeypatch, capsys, "train", "--config", config, "--init-from",
+                                start)
+        assert code == 0, err
+        return run
+
     # Fine-tune from a copy of R, then delete the copy: resume must need only the run itself.
     copy_of_r = tmp_path / "R"
     shutil.copytree(start_run, copy_of_r)
-    interrupted = tmp_path / "interrupted"
-    config = tune_config(tiny_config_for, write_config, domains, tmp_path / "a", interrupted,
-                         max_steps=40, valid_every=20)
-    code, out, err = run_main(monkeypatch, capsys, "train", "--config", config, "--init-from",
-                            copy_of_r)
-    assert code == 0, err
+    interrupted = fine_tune(copy_of_r, "interrupted", 40)
     shutil.rmtree(copy_of_r)
     code, out, err = run_main(monkeypatch, capsys, "train", "--resume", interrupted,
                               "--set", "train.max_steps=60")
     assert code == 0, err
     assert "tokenizer section" not in out  # R is not read again
 
-    straight = tmp_path / "straight"
-    config = tune_config(tiny_config_for, write_config, domains, tmp_path / "b", straight,
-                         max_steps=60, valid_every=20)
-    code, out, err = run_main(monkeypatch, capsys, "train", "--config", config, "--init-from",
-                            start_run)
-    assert code == 0, err
-    a, b = load_checkpoint(interrupted / "last.pt"), load_checkpoint(straight / "last.pt")
-    assert a["progress"] == b["progress"] and a["progress"]["step"] == 60
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    straight = fine_tune(start_run, "straight", 60)
+    assert_same_last_checkpoint(interrupted, straight)
+    assert load_checkpoint(interrupted / "last.pt")["progress"]["step"] == 60
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").open()]
     assert steps == [20, 40, 60]
 

@@ -17,7 +17,8 @@ from tinyt.data import sample_token_ids
 from tinyt.tokenizer import fingerprint, sample_segmentations, train_or_load
 from tinyt.training import train
 
-from test_training import assert_same_last_checkpoint, short_pairs, tiny_config, write_pairs
+from test_training import (assert_same_last_checkpoint, short_pairs, tiny_config,
+                           train_straight_and_resumed, write_pairs)
 
 __all__ = ["short_pairs"]  # a fixture, imported for the tests below
 
@@ -208,15 +209,7 @@ def test_streaming_with_subword_sampling_resumes_exactly_in_one_process(tmp_path
     raw = tiny_config(tmp_path / "a", tmp_path, max_steps=20, valid_every=7, batch_tokens=300)
     raw["tokenizer"]["sampling"] = {"alpha": 0.2, "nbest": 16}
     raw["data"].update(streaming=True, stream_buffer=25)
-    straight = config_from_dict(raw)
-    train(straight, progress_bars=False)
-    raw["run_dir"] = str(tmp_path / "b")
-    raw["train"]["max_steps"] = 10
-    interrupted = config_from_dict(raw)
-    train(interrupted, progress_bars=False)
-    interrupted.train.max_steps = 20
-    train(interrupted, resume=True, progress_bars=False)
-    assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)
+    train_straight_and_resumed(raw, tmp_path, stop=10)
 
 
 def test_resume_refuses_a_changed_sampling_setting(tmp_path, short_pairs):

@@ -59,6 +59,20 @@ def assert_same_last_checkpoint(run_a: str, run_b: str) -> None:
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def train_straight_and_resumed(raw: dict, tmp_path: Path, stop: int) -> None:
+    """Train `raw` to its max_steps in one go, and again in tmp_path/b stopped at step `stop`
+    and resumed (in this process); the two runs' last.pt must be bit-identical."""
+    straight = config_from_dict(raw)
+    train(straight, progress_bars=False)
+    total = raw["train"]["max_steps"]
+    interrupted = config_from_dict({**raw, "run_dir": str(tmp_path / "b"),
+                                    "train": {**raw["train"], "max_steps": stop}})
+    train(interrupted, progress_bars=False)
+    interrupted.train.max_steps = total
+    train(interrupted, resume=True, progress_bars=False)
+    assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)
+
+
 def test_tiny_model_overfits_a_small_corpus(tmp_path, short_pairs):
     pairs = short_pairs[:100]
     write_pairs(tmp_path, "train", pairs)
@@ -162,17 +176,10 @@ def test_streaming_training_covers_the_stream_and_resumes_exactly(tmp_path, shor
     raw = tiny_config(tmp_path / "a", tmp_path, max_steps=24, valid_every=8, batch_tokens=300)
     raw["data"].update(streaming=True, stream_buffer=25)  # 3 windows an epoch
     raw["model"]["dropout"] = 0.2
-    straight = config_from_dict(raw)
-    summary = train(straight, progress_bars=False)
+    summary = train(config_from_dict(raw), progress_bars=False)
     assert summary["steps"] == 24 and summary["epochs"] >= 2 and summary["train_pairs"] is None
-
-    raw["run_dir"] = str(tmp_path / "b")
-    raw["train"]["max_steps"] = 12
-    interrupted = config_from_dict(raw)
-    train(interrupted, progress_bars=False)
-    interrupted.train.max_steps = 24
-    train(interrupted, resume=True, progress_bars=False)
-    assert_same_last_checkpoint(straight.run_dir, interrupted.run_dir)
+    raw["run_dir"] = str(tmp_path / "again")
+    train_straight_and_resumed(raw, tmp_path, stop=12)
 
 
 def test_a_run_ending_by_max_epochs_validates_and_saves_its_last_step(tmp_path, short_pairs):
