@@ -13,6 +13,8 @@ benchmark model, whose hypotheses mostly run to the length limit (a pessimistic 
 Bound: the machine's own matrix-multiply throughput at the model's linear-layer shapes (fp32,
 and bf16 on a GPU or a CPU with bf16 instructions), timed in the same run, and training's
 achieved FLOP/s as a share of it, so numbers from different machines compare.
+Profile (--profile STEPS): torch.profiler over that many more training steps, the operators
+taking the most time and the matrix multiplies' share of it.
 Memory: peak resident set size of the process; on CUDA also peak GPU memory and the achieved
 TFLOP/s of training, counted from the model's shapes (padded positions included).
 Engines (with --run, when CTranslate2 is installed): the run's best.pt decoded over the whole
@@ -34,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tinyt.allocator import reuse_freed_memory  # noqa: E402
 from tinyt.checkpoint import load_trained  # noqa: E402
 from tinyt.config import Config, ModelConfig, load_config  # noqa: E402
 from tinyt.data import collate, load_split, make_batches, tokenize  # noqa: E402
@@ -70,16 +73,18 @@ def linear_shapes(m: ModelConfig, vocab: int) -> list[tuple[int, int, int]]:
 def gemm_bound_gflops(m: ModelConfig, vocab: int, tokens: int, dtype: torch.dtype,
                       device: torch.device, repeats: int = 3) -> float:
     """This machine's matrix-multiply throughput (GFLOP/s) at the training step's own shapes,
-    in `dtype`: each linear layer's forward product (tokens, in) @ (in, out) and its two
-    backward ones (the input's and the weight's gradients), weighted by how often a step does
-    them. The speed a training step could reach if it did nothing but its matrix multiplies:
-    the bound its achieved TFLOP/s is a share of."""
+    in `dtype`: each linear layer's forward product and its two backward ones (the input's and
+    the weight's gradients), in the memory layouts nn.Linear and autograd use (the weight is
+    (out, in): x @ W^T, dy @ W, dy^T @ x; a BLAS can be a third slower in one layout than
+    another at the same sizes), weighted by how often a step does them. The speed a training
+    step could reach if it did nothing but its matrix multiplies: the bound its achieved
+    TFLOP/s is a share of."""
     total_flops = total_seconds = 0.0
     for n_in, n_out, count in linear_shapes(m, vocab):
         x = torch.randn(tokens, n_in, device=device, dtype=dtype)
-        w = torch.randn(n_in, n_out, device=device, dtype=dtype)
+        w = torch.randn(n_out, n_in, device=device, dtype=dtype)
         dy = torch.randn(tokens, n_out, device=device, dtype=dtype)
-        products = [lambda: x @ w, lambda: dy @ w.T, lambda: x.T @ dy]
+        products = [lambda: x @ w.T, lambda: dy @ w, lambda: dy.T @ x]
         for product in products:
             product()  # warm-up: first-call costs (allocation, kernel choice) are not the bound
         sync(device)
@@ -149,6 +154,53 @@ def bench_training(config: Config, trainer: Trainer, warmup: int, steps: int) ->
     return result
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def profile_training(config: Config, trainer: Trainer, steps: int, top: int = 15) -> dict:
+    """Where a training step's time goes: torch.profiler over `steps` real steps (after the
+    timed ones, so warm), operators by self time on the CPU (on CUDA: by time on the GPU).
+    Returns the matrix multiplies' share of all profiled time and the `top` operators, each
+    with its milliseconds a step, share of the total and calls a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    data = trainer.train_data
+    generator = torch.Generator().manual_seed(config.train.seed + 1)
+    batches = make_batches(data, trainer.train_indices, config.train.batch_tokens,
+                           generator)[:steps]
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        for idx in batches:
+            trainer.train_step(collate(data, idx).to(trainer.device))
+        sync(trainer.device)
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in profiler.key_averages() if getattr(e, attribute) > 0]
+    total = sum(getattr(e, attribute) for e in events)
+    events.sort(key=lambda e: -getattr(e, attribute))
+    matmul = sum(getattr(e, attribute) for e in events if e.key in MATMUL_OPS)
+    n = len(batches)
+    return {
+        "steps": n, "time": "gpu" if cuda else "cpu self",
+        "ms_per_step": round(total / 1000 / n, 1),
+        "matmul_share": round(matmul / total, 4),
+        "top": [{"op": e.key, "ms_per_step": round(getattr(e, attribute) / 1000 / n, 2),
+                 "share": round(getattr(e, attribute) / total, 4),
+                 "calls_per_step": round(e.count / n, 1)} for e in events[:top]],
+    }
+
+
+def print_profile(profiled: dict) -> None:
+    print(f"\nprofile of {profiled['steps']} training steps ({profiled['time']} time, "
+          f"{profiled['ms_per_step']} ms a step); matrix multiplies "
+          f"{profiled['matmul_share']:.1%} of it:")
+    print("| operator | ms a step | share | calls a step |")
+    print("| --- | --- | --- | --- |")
+    for row in profiled["top"]:
+        print(f"| {row['op']} | {row['ms_per_step']} | {row['share']:.1%} | "
+              f"{row['calls_per_step']:g} |")
+
+
 def bench_decoding(translator: Translator, sentences: list[str], beam: int, label: str) -> dict:
     src_ids = translator.tokenizers.encode_src(sentences)
     translator.translate_ids(src_ids[:64], beam_size=beam)  # warm-up
@@ -165,7 +217,7 @@ def bench_decoding(translator: Translator, sentences: list[str], beam: int, labe
 
 
 def bench_engine(engine: str, model_path: str, sources: list[str], references: list[str],
-                 num_threads: int, device: str) -> dict:
+                 num_threads: int, device: str, reuse_memory: bool) -> dict:
     """Greedy and beam-5 speed and test BLEU of one decoding engine over the whole test set,
     and the peak resident memory of the process doing it. Run in a fresh process (see
     `compare_engines`) so the peak memory is the engine's own.
@@ -174,6 +226,8 @@ def bench_engine(engine: str, model_path: str, sources: list[str], references: l
     "ctranslate2" (`model_path`: a folder made by tinyt export --format ctranslate2).
     """
     set_threads(num_threads)
+    if reuse_memory:
+        reuse_freed_memory()
     translator = Translator.load(model_path, device=device)
     src_ids = translator.tokenizers.encode_src(sources)
     result: dict = {"engine": engine}
@@ -213,7 +267,7 @@ def _engine_worker(queue, *args) -> None:
 
 
 def compare_engines(run: str, sources: list[str], references: list[str], num_threads: int,
-                    device: str) -> list[dict]:
+                    device: str, reuse_memory: bool) -> list[dict]:
     """tinyt's own search, CTranslate2 float32 and CTranslate2 int8 on the same trained model
     (best.pt of `run`) and the same sentences, each in its own process."""
     import multiprocessing
@@ -235,7 +289,7 @@ def compare_engines(run: str, sources: list[str], references: list[str], num_thr
             queue = context.Queue()
             worker = context.Process(target=_engine_worker,
                                      args=(queue, engine, path, sources, references,
-                                           num_threads, device))
+                                           num_threads, device, reuse_memory))
             worker.start()
             result = queue.get()
             worker.join()
@@ -260,6 +314,12 @@ def main() -> None:
     parser.add_argument("--compare-settings", action="store_true",
                         help="also time training under fp32 and bf16 autocast, each with "
                              "torch.compile off and on, in this run")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is instead of keeping freed memory for "
+                             "reuse as tinyt does (tinyt.allocator), to measure the difference")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many training steps (torch.profiler) and print "
+                             "the operators that take the most time")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-engines", action="store_true",
                         help="skip the tinyt vs CTranslate2 decoding comparison (needs --run)")
@@ -278,6 +338,7 @@ def main() -> None:
         config.train.compile = True
     config.validate()
     threads = set_threads(config.train.num_threads)
+    reused = not args.default_malloc and reuse_freed_memory()
     torch.manual_seed(config.train.seed)
 
     started = time.perf_counter()
@@ -297,6 +358,7 @@ def main() -> None:
                      "parameters": trainer.model.num_parameters(),
                      "amp": str(trainer.amp).replace("torch.", "") if trainer.amp else "none",
                      "compile": config.train.compile,
+                     "malloc": "freed memory reused" if reused else "system default",
                      "setup_seconds": round(time.perf_counter() - started, 1)}
     if trainer.device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(trainer.device)
@@ -318,6 +380,10 @@ def main() -> None:
     if bound:
         results["train_share_of_gemm_bound"] = round(
             results["train_achieved_tflops"] * 1000 / bound, 3)
+
+    if args.profile > 0:
+        print(f"profiling {args.profile} training steps ...", file=sys.stderr)
+        results["profile"] = profile_training(config, trainer, args.profile)
 
     if args.compare_settings:
         results["settings"] = compare_settings(config, tokenizers, train_data, valid_data,
@@ -359,7 +425,8 @@ def main() -> None:
                   "'tinyt[ctranslate2]')", file=sys.stderr)
         else:
             engines = compare_engines(args.run, test_text.src, test_text.tgt,
-                                      config.train.num_threads, str(trainer.device))
+                                      config.train.num_threads, str(trainer.device),
+                                      reused)
             results["engines"] = engines
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
@@ -368,6 +435,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     rows = [
         ("device", f"{results['device']} ({results.get('gpu', f'{threads} threads')})"),
+        ("malloc", results["malloc"]),
         ("training tgt tokens/s", results["train_tgt_tokens_per_s"]),
         ("training src+tgt tokens/s", results["train_src_tgt_tokens_per_s"]),
         ("padding share (src/tgt)",
@@ -390,6 +458,8 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if "profile" in results:
+        print_profile(results["profile"])
     if "settings" in results:
         print_settings_table(results["settings"])
     if engines:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyt.allocator import reuse_freed_memory
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def test_benchmark_runs_on_a_tiny_config(module_small_corpus, tiny_config_for, w
     result = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--config", str(config), "--data-dir",
          str(module_small_corpus), "--cache-dir", str(tmp_path / "cache"), "--warmup-steps", "1",
-         "--train-steps", "2", "--json", str(out)],
+         "--train-steps", "2", "--profile", "2", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(out.read_text())
@@ -29,6 +31,16 @@ def test_benchmark_runs_on_a_tiny_config(module_small_corpus, tiny_config_for, w
     assert numbers["greedy_sentences_per_s"] > 0 and numbers["beam5_sentences_per_s"] > 0
     assert numbers["peak_rss_mib"] > 100
     assert "training tgt tokens/s" in result.stdout  # the table
+    assert numbers["malloc"] == ("freed memory reused" if reuse_freed_memory()
+                                 else "system default")
+    # --profile: real operators of real steps, the costliest first, matmuls among them.
+    profiled = numbers["profile"]
+    assert profiled["steps"] == 2 and profiled["ms_per_step"] > 0
+    shares = [row["share"] for row in profiled["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+    assert 0 < profiled["matmul_share"] < 1
+    assert {"aten::mm", "aten::addmm"} & {row["op"] for row in profiled["top"]}
+    assert "matrix multiplies" in result.stdout
 
 
 def test_benchmark_reports_the_matmul_bound_and_compares_decoding_engines(

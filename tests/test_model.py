@@ -177,3 +177,40 @@ def test_dropout_drops_p_of_the_values_and_keeps_the_expectation():
     torch.manual_seed(5)
     assert torch.equal(first, dropout(x))  # masks come from the seeded generator
     assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+def test_attention_dropout_in_training_keeps_the_masks_and_the_expectation():
+    """With attention dropout on (training, where the CPU writes attention out instead of using
+    SDPA's math path): the causal and padding masks still hide what they hide, a dropped
+    probability changes the output, and the average over many masks is the eval output."""
+    torch.manual_seed(3)
+    attn = MultiHeadAttention(16, 2, attn_dropout=0.5)
+    x = torch.randn(2, 6, 16)
+    expected_causal = attn.eval()(x, is_causal=True)
+    key_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    expected_masked = attn(x, mask=key_mask)
+    attn.train()
+
+    def seeded(inputs, **kwargs):
+        torch.manual_seed(11)
+        return attn(inputs, **kwargs)
+
+    later = x.clone()
+    later[:, 4:] = torch.randn(2, 2, 16)
+    # Causal: positions 0..3 never see positions 4 and 5, whatever the mask drew.
+    torch.testing.assert_close(seeded(later, is_causal=True)[:, :4],
+                               seeded(x, is_causal=True)[:, :4], rtol=0, atol=1e-6)
+    padded = x.clone()
+    padded[1, 4:] = torch.randn(2, 16)
+    # Padding: the second sentence's keys 4 and 5 are masked, so changing them moves only
+    # their own query rows (which are outputs nobody reads).
+    torch.testing.assert_close(seeded(padded, mask=key_mask)[1, :4],
+                               seeded(x, mask=key_mask)[1, :4], rtol=0, atol=1e-6)
+    assert not torch.allclose(seeded(x, is_causal=True), expected_causal)
+    torch.manual_seed(0)
+    for kwargs, expected in (({"is_causal": True}, expected_causal),
+                             ({"mask": key_mask}, expected_masked)):
+        with torch.no_grad():
+            mean = torch.stack([attn(x, **kwargs) for _ in range(4000)]).mean(0)
+        # 4,000 draws: the Monte Carlo error is about 0.01 here.
+        torch.testing.assert_close(mean, expected, rtol=0, atol=0.06)

@@ -23,6 +23,7 @@ except ImportError:  # an older typer on the real click
     from click import exceptions as click_errors
 
 from tinyt import __version__
+from tinyt.allocator import reuse_freed_memory
 from tinyt.config import MAX_BEAM_SIZE
 from tinyt.errors import MainProcessFailed, TinytError
 from tinyt.writing import write_error
@@ -896,9 +897,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     `error: ...` with exit code 2 instead of click's boxed message, output that cannot be
     written (also when it is flushed at the end), and any other exception as `error:
     unexpected ...` with exit code 1 (the traceback only with --verbose or TINYT_TRACEBACK=1).
+    Before any command runs, freed memory is set to be kept for reuse (tinyt.allocator).
     """
     if not isinstance(sys.stdout, _GuardedOutput):
         sys.stdout = _GuardedOutput(sys.stdout)
+    reuse_freed_memory()
     try:
         code = app(args=argv, standalone_mode=False)
         sys.stdout.flush()

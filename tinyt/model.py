@@ -37,6 +37,7 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = Dropout(attn_dropout)
         # Set to a list to record attention probabilities (see `forward`); None, the default,
         # keeps the fused SDPA kernel, which never materialises them.
         self.capture: list[torch.Tensor] | None = None
@@ -88,6 +89,11 @@ class MultiHeadAttention(nn.Module):
         explicitly, appended to it and used for the output, which then equals the SDPA path's
         within float rounding; masked positions get exactly 0.
         """
+        # On a CPU, SDPA with dropout runs its unfused math path and draws the mask with
+        # bernoulli_, one generator call per element; the same computation written out here
+        # with tinyt's Dropout is 10-30 % faster forward + backward at Multi30k's shapes.
+        explicit = self.capture is not None or (
+            self.training and self.attn_dropout > 0 and x.device.type == "cpu")
         if memory_kv is None:
             q, k, v = self.in_proj(x).chunk(3, dim=-1)
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
@@ -101,16 +107,16 @@ class MultiHeadAttention(nn.Module):
             bias = self.in_proj.bias[: self.d_model]
             q = self._split_heads(F.linear(x, w, bias))
             k, v = memory_kv
-        if self.capture is None:
+        if not explicit:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,
                 dropout_p=self.attn_dropout if self.training else 0.0,
             )
         else:
             probs = self._probabilities(q, k, mask, is_causal)
-            self.capture.append(probs.detach())
-            probs = F.dropout(probs, self.attn_dropout, self.training)
-            out = probs.to(v.dtype) @ v
+            if self.capture is not None:
+                self.capture.append(probs.detach())
+            out = self.dropout(probs).to(v.dtype) @ v
         b, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.d_model))
 

@@ -38,6 +38,7 @@ from tinyt.data import (Batch, Corpus, TokenizedText, collate, make_batches,
                         trainable_indices)
 from tinyt.distributed import World
 from tinyt import distributed
+from tinyt.allocator import reuse_freed_memory
 from tinyt.errors import TinytError
 from tinyt.evaluation import evaluate_split, perplexity, score_translations, teacher_forced_nll
 from tinyt.finetuning import InitSource, copy_tokenizer, open_init_source
@@ -209,10 +210,10 @@ class Trainer:
                 **_no_buffer_sync())
         self.loss = loss
         self.forward = torch.compile(loss) if tc.compile else loss
-        # On CUDA, the fused kernel updates all parameters in a few launches instead of many.
+        # The fused kernel updates all parameters in one pass: on CUDA a few launches instead
+        # of many, on a 2-core CPU 4 ms a step for the default model instead of 13.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tc.betas,
-                                          eps=tc.eps, weight_decay=tc.weight_decay,
-                                          fused=self.device.type == "cuda")
+                                          eps=tc.eps, weight_decay=tc.weight_decay, fused=True)
         self.schedule = LearningRateSchedule(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.train_indices = (trainable_indices(train_data, config.data.max_len)
@@ -596,6 +597,7 @@ def train(config: Config, overwrite: bool = False, resume: bool = False,
     # even create the run directory; a resumed run continues from its own last.pt instead.
     init = open_init_source(config) if tc.init_from is not None and not resume else None
     set_threads(tc.num_threads)
+    reuse_freed_memory()
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     distributed.start(world, resolve_device(tc.device))
