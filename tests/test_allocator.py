@@ -56,7 +56,11 @@ def test_freed_memory_is_reused_without_new_page_faults():
     assert page_faults_per_step("reuse") < LOGITS_PAGES // 2
 
 
-def test_elsewhere_it_changes_nothing_and_says_so(monkeypatch):
+def test_elsewhere_or_when_asked_it_changes_nothing_and_says_so(monkeypatch):
+    monkeypatch.setenv("TINYT_MALLOC", "system")
+    assert allocator.reuse_freed_memory() is False
+    monkeypatch.delenv("TINYT_MALLOC")
+
     def no_libc(name):
         raise OSError("no C library here")
 
@@ -69,3 +73,14 @@ def test_elsewhere_it_changes_nothing_and_says_so(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Musl())
     assert allocator.reuse_freed_memory() is False
+
+
+def test_the_tinyt_program_keeps_freed_memory_before_any_command(monkeypatch, capsys):
+    from tinyt import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append(True) or True)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and calls == [True]
+    assert "tinyt" in capsys.readouterr().out
