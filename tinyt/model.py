@@ -39,7 +39,8 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.dropout = Dropout(attn_dropout)
         # Set to a list to record attention probabilities (see `forward`); None, the default,
-        # keeps the fused SDPA kernel, which never materialises them.
+        # keeps the fused SDPA kernel, which never materialises them (except in CPU training
+        # with attention dropout, where `forward` writes attention out for speed).
         self.capture: list[torch.Tensor] | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
