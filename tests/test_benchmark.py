@@ -103,6 +103,8 @@ def test_compare_settings_times_each_precision_and_compilation(module_small_corp
         return made
 
     monkeypatch.setattr(benchmark, "Trainer", trainer)
+    # As on a CPU with bf16 instructions (on one without, the bf16 rows are skipped: below).
+    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: True)
     config = config_from_dict(tiny_config_for(module_small_corpus, tmp_path / "run"))
     train, valid = (load_split(config.data, split) for split in ("train", "valid"))
     tokenizers = train_or_load(config.tokenizer, train.src, train.tgt, tmp_path / "tok")
@@ -119,3 +121,39 @@ def test_compare_settings_times_each_precision_and_compilation(module_small_corp
         bound = results["gemm_bound_gflops_" + ("bfloat16" if row["amp"] == "bf16"
                                                  else "float32")]
         assert row["share_of_bound"] == pytest.approx(row["tflops"] * 1000 / bound, abs=0.01)
+
+
+def test_compare_settings_skips_bf16_on_a_cpu_without_it(module_small_corpus, tiny_config_for,
+                                                         monkeypatch, tmp_path):
+    """Emulated bf16 is dozens of times slower than fp32: its rows say so instead of taking
+    most of an hour, and no trainer is built for them."""
+    import importlib.util
+
+    import torch
+
+    from tinyt.config import config_from_dict
+    from tinyt.data import load_split, tokenize
+    from tinyt.tokenizer import train_or_load
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(torch, "compile", lambda module: module)
+    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: False)
+    built = []
+    real_trainer = benchmark.Trainer
+    monkeypatch.setattr(benchmark, "Trainer",
+                        lambda config, *a, **k: built.append(config.train.amp)
+                        or real_trainer(config, *a, **k))
+    raw = tiny_config_for(module_small_corpus, tmp_path / "run")
+    raw["train"]["device"] = "cpu"
+    config = config_from_dict(raw)
+    train, valid = (load_split(config.data, split) for split in ("train", "valid"))
+    tokenizers = train_or_load(config.tokenizer, train.src, train.tgt, tmp_path / "tok")
+    results = {"gemm_bound_gflops_float32": 50.0}
+    rows = benchmark.compare_settings(config, tokenizers, tokenize(train, tokenizers),
+                                      tokenize(valid, tokenizers), valid.tgt, 1, 2, results)
+    assert built == ["none", "none"]
+    assert [r["tgt_tokens_per_s"] > 0 for r in rows[:2]] == [True, True]
+    assert all("no bf16 instructions" in r["skipped"] for r in rows[2:]) and len(rows) == 4
+    assert "gemm_bound_gflops_bfloat16" not in results
