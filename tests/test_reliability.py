@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +41,26 @@ def tinyt_cli(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def start_training(config_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tinyt", "train", "--config", str(config_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`tinyt train` in the background, its stdout and stderr going to temporary files (read
+    them with `finished_output`). Not pipes: nobody reads a pipe while the test waits for the
+    run's progress, and progress bars write on a timer, so on a slow or busy machine the
+    output could fill a pipe and block the run before it got where the test waits for it."""
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "tinyt", "train", "--config", str(config_path)],
+                            cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+    proc.output_files = (stdout, stderr)
+    return proc
+
+
+def finished_output(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """Wait for a run from `start_training` to end; its (stdout, stderr)."""
+    proc.wait(timeout=timeout)
+    texts = []
+    for file in proc.output_files:
+        file.seek(0)
+        texts.append(file.read())
+        file.close()
+    return texts[0], texts[1]
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -58,7 +77,9 @@ def freeze_when(proc: subprocess.Popen, condition) -> None:
     never by the clock: `condition` is checked again once the process is frozen, so it holds
     while the process stays stopped, however fast or slow the machine."""
     while True:
-        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.communicate()}"
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be stopped: "
+                                 f"{finished_output(proc)}")
         if condition():
             proc.send_signal(signal.SIGSTOP)
             if condition():
@@ -102,7 +123,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(
     proc = start_training(config)
     freeze_when(proc, lambda: checkpoint_step(run_dir) >= target)
     proc.kill()
-    proc.communicate()
+    finished_output(proc)
     assert proc.returncode == -signal.SIGKILL
     killed_at = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
     assert 0 < killed_at < 240
@@ -127,7 +148,7 @@ def test_signal_finishes_the_step_saves_and_exits(
     first = checkpoint_step(run_dir)
     proc.send_signal(sig)  # delivered when the frozen process goes on
     proc.send_signal(signal.SIGCONT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = finished_output(proc, timeout=60)
     assert proc.returncode == code, stderr[-2000:]
     assert f"tinyt train --resume {run_dir}" in stderr
     stopped = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
