@@ -98,6 +98,24 @@ def gemm_bound_gflops(m: ModelConfig, vocab: int, tokens: int, dtype: torch.dtyp
     return total_flops / total_seconds / 1e9
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU, or a CPU with bf16
+    instructions. Elsewhere bf16 is emulated, dozens of times slower than fp32 (2.8 against
+    175 GFLOP/s on a 2-core AVX2 EPYC), and not worth timing."""
+    return device.type == "cuda" or cpu_has_native_bf16()
+
+
+def bound_gflops(results: dict, dtype: torch.dtype, config: Config, vocab: int,
+                 device: torch.device) -> float:
+    """The matrix-multiply bound in `dtype` (`gemm_bound_gflops`), measured once per run and
+    kept in `results` as gemm_bound_gflops_<dtype>."""
+    key = "gemm_bound_gflops_" + str(dtype).removeprefix("torch.")
+    if key not in results:
+        results[key] = round(gemm_bound_gflops(config.model, vocab, config.train.batch_tokens,
+                                               dtype, device), 1)
+    return results[key]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -175,18 +193,18 @@ def profile_training(config: Config, trainer: Trainer, steps: int, top: int = 15
             trainer.train_step(collate(data, idx).to(trainer.device))
         sync(trainer.device)
     attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in profiler.key_averages() if getattr(e, attribute) > 0]
-    total = sum(getattr(e, attribute) for e in events)
-    events.sort(key=lambda e: -getattr(e, attribute))
-    matmul = sum(getattr(e, attribute) for e in events if e.key in MATMUL_OPS)
+    # (microseconds, operator, calls), the costliest first
+    ops = sorted(((getattr(e, attribute), e.key, e.count) for e in profiler.key_averages()
+                  if getattr(e, attribute) > 0), reverse=True)
+    total = sum(us for us, _, _ in ops)
+    matmul = sum(us for us, op, _ in ops if op in MATMUL_OPS)
     n = len(batches)
     return {
         "steps": n, "time": "gpu" if cuda else "cpu self",
         "ms_per_step": round(total / 1000 / n, 1),
         "matmul_share": round(matmul / total, 4),
-        "top": [{"op": e.key, "ms_per_step": round(getattr(e, attribute) / 1000 / n, 2),
-                 "share": round(getattr(e, attribute) / total, 4),
-                 "calls_per_step": round(e.count / n, 1)} for e in events[:top]],
+        "top": [{"op": op, "ms_per_step": round(us / 1000 / n, 2), "share": round(us / total, 4),
+                 "calls_per_step": round(calls / n, 1)} for us, op, calls in ops[:top]],
     }
 
 
@@ -366,18 +384,14 @@ def main() -> None:
     results.update(bench_training(config, trainer, args.warmup_steps, args.train_steps))
     print("measuring the machine's matrix-multiply bound at the model's shapes ...",
           file=sys.stderr)
-    bound_dtypes = [torch.float32]
-    if trainer.device.type == "cuda" or cpu_has_native_bf16():
-        bound_dtypes.append(torch.bfloat16)
+    bound_dtypes = [torch.float32] + ([torch.bfloat16] if bf16_is_native(trainer.device) else [])
     for dtype in bound_dtypes:
-        name = str(dtype).removeprefix("torch.")
-        results[f"gemm_bound_gflops_{name}"] = round(gemm_bound_gflops(
-            config.model, tokenizers.tgt_vocab_size, config.train.batch_tokens, dtype,
-            trainer.device), 1)
+        bound_gflops(results, dtype, config, tokenizers.tgt_vocab_size, trainer.device)
     # Training's share of the bound of the precision it ran in (autocast: bf16's).
-    trained_in = "bfloat16" if trainer.amp == torch.bfloat16 else "float32"
-    bound = results.get(f"gemm_bound_gflops_{trained_in}")
-    if bound:
+    trained_in = torch.bfloat16 if trainer.amp == torch.bfloat16 else torch.float32
+    if trained_in in bound_dtypes:
+        bound = bound_gflops(results, trained_in, config, tokenizers.tgt_vocab_size,
+                             trainer.device)
         results["train_share_of_gemm_bound"] = round(
             results["train_achieved_tflops"] * 1000 / bound, 3)
 
@@ -470,16 +484,14 @@ def compare_settings(config: Config, tokenizers, train_data, valid_data, valid_r
                      warmup: int, steps: int, results: dict) -> list[dict]:
     """Training speed under each of fp32 / bf16 autocast x torch.compile off / on, a fresh
     Trainer each (same seed, same batches), with its share of the bound of its precision
-    (bf16's measured here too when the device has none in `results`). On a CPU without bf16
-    instructions the bf16 rows are skipped, with the reason: emulated bf16 matrix multiplies
-    run dozens of times slower than fp32 (2.8 against 175 GFLOP/s on a 2-core AVX2 EPYC), so
-    timing them would take most of an hour and say only that."""
+    (bf16's measured here too when the device has none in `results`). Where bf16 is not
+    native (`bf16_is_native`) the bf16 rows are skipped, with the reason: timing emulated bf16
+    would take most of an hour and say only that."""
     rows = []
-    emulated_bf16 = (resolve_device(config.train.device).type == "cpu"
-                     and not cpu_has_native_bf16())
+    native_bf16 = bf16_is_native(resolve_device(config.train.device))
     for amp in ("none", "bf16"):
         for compiled in (False, True):
-            if amp == "bf16" and emulated_bf16:
+            if amp == "bf16" and not native_bf16:
                 rows.append({"amp": amp, "compile": compiled,
                              "skipped": "no bf16 instructions on this CPU (bf16 is emulated)"})
                 continue
@@ -495,17 +507,13 @@ def compare_settings(config: Config, tokenizers, train_data, valid_data, valid_r
                 rows.append({"amp": amp, "compile": compiled,
                              "error": " ".join(str(exc).split())[:120]})
                 continue
-            dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-            key = f"gemm_bound_gflops_{str(dtype).removeprefix('torch.')}"
-            if key not in results:
-                results[key] = round(gemm_bound_gflops(
-                    config.model, tokenizers.tgt_vocab_size, config.train.batch_tokens, dtype,
-                    trainer.device), 1)
+            bound = bound_gflops(results, torch.bfloat16 if amp == "bf16" else torch.float32,
+                                 config, tokenizers.tgt_vocab_size, trainer.device)
             rows.append({"amp": amp, "compile": compiled,
                          "tgt_tokens_per_s": timed["train_tgt_tokens_per_s"],
                          "tflops": timed["train_achieved_tflops"],
                          "share_of_bound": round(timed["train_achieved_tflops"] * 1000
-                                                 / results[key], 3)})
+                                                 / bound, 3)})
     return rows
 
 

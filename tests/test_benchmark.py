@@ -75,12 +75,12 @@ def test_benchmark_reports_the_matmul_bound_and_compares_decoding_engines(
     assert "CTranslate2 int8" in result.stdout and "share of that bound" in result.stdout
 
 
-def test_compare_settings_times_each_precision_and_compilation(module_small_corpus,
-                                                                tiny_config_for, monkeypatch,
-                                                                tmp_path):
-    """--compare-settings: one row each for fp32/bf16 x compile off/on, each a fresh Trainer
-    with those settings, its share taken of its own precision's matmul bound. (torch.compile
-    is replaced by a recorder here: compiling takes minutes on 2 cores.)"""
+def compare_settings_on_cpu(data_dir, tiny_config_for, monkeypatch, tmp_path,
+                            native_bf16: bool) -> tuple[list, dict, list, list]:
+    """scripts/benchmark.py's compare_settings on the tiny config, on a CPU with or without
+    bf16 instructions, with a preset fp32 bound of 50 GFLOP/s. torch.compile is replaced by a
+    recorder (compiling takes minutes on 2 cores). Returns (rows, results, what each Trainer
+    built was asked for and got as (train.amp, Trainer.amp), the modules compiled)."""
     import importlib.util
 
     import torch
@@ -92,25 +92,39 @@ def test_compare_settings_times_each_precision_and_compilation(module_small_corp
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    compiled = []
+    compiled, built = [], []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
-    amps = []
+    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: native_bf16)
     real_trainer = benchmark.Trainer
 
     def trainer(config, *args, **kwargs):
         made = real_trainer(config, *args, **kwargs)
-        amps.append(made.amp)
+        built.append((config.train.amp, made.amp))
         return made
 
     monkeypatch.setattr(benchmark, "Trainer", trainer)
-    # As on a CPU with bf16 instructions (on one without, the bf16 rows are skipped: below).
-    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: True)
-    config = config_from_dict(tiny_config_for(module_small_corpus, tmp_path / "run"))
+    raw = tiny_config_for(data_dir, tmp_path / "run")
+    raw["train"]["device"] = "cpu"
+    config = config_from_dict(raw)
     train, valid = (load_split(config.data, split) for split in ("train", "valid"))
     tokenizers = train_or_load(config.tokenizer, train.src, train.tgt, tmp_path / "tok")
     results = {"gemm_bound_gflops_float32": 50.0}
     rows = benchmark.compare_settings(config, tokenizers, tokenize(train, tokenizers),
                                       tokenize(valid, tokenizers), valid.tgt, 1, 2, results)
+    return rows, results, built, compiled
+
+
+def test_compare_settings_times_each_precision_and_compilation(module_small_corpus,
+                                                                tiny_config_for, monkeypatch,
+                                                                tmp_path):
+    """--compare-settings on a CPU with bf16 instructions: one row each for fp32/bf16 x
+    compile off/on, each a fresh Trainer with those settings, its share taken of its own
+    precision's matmul bound."""
+    import torch
+
+    rows, results, built, compiled = compare_settings_on_cpu(
+        module_small_corpus, tiny_config_for, monkeypatch, tmp_path, native_bf16=True)
+    amps = [amp for _, amp in built]
     assert [(r["amp"], r["compile"]) for r in rows] == [
         ("none", False), ("none", True), ("bf16", False), ("bf16", True)]
     assert amps == [None, None, torch.bfloat16, torch.bfloat16]
@@ -127,32 +141,9 @@ def test_compare_settings_skips_bf16_on_a_cpu_without_it(module_small_corpus, ti
                                                          monkeypatch, tmp_path):
     """Emulated bf16 is dozens of times slower than fp32: its rows say so instead of taking
     most of an hour, and no trainer is built for them."""
-    import importlib.util
-
-    import torch
-
-    from tinyt.config import config_from_dict
-    from tinyt.data import load_split, tokenize
-    from tinyt.tokenizer import train_or_load
-
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    monkeypatch.setattr(torch, "compile", lambda module: module)
-    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: False)
-    built = []
-    real_trainer = benchmark.Trainer
-    monkeypatch.setattr(benchmark, "Trainer",
-                        lambda config, *a, **k: built.append(config.train.amp)
-                        or real_trainer(config, *a, **k))
-    raw = tiny_config_for(module_small_corpus, tmp_path / "run")
-    raw["train"]["device"] = "cpu"
-    config = config_from_dict(raw)
-    train, valid = (load_split(config.data, split) for split in ("train", "valid"))
-    tokenizers = train_or_load(config.tokenizer, train.src, train.tgt, tmp_path / "tok")
-    results = {"gemm_bound_gflops_float32": 50.0}
-    rows = benchmark.compare_settings(config, tokenizers, tokenize(train, tokenizers),
-                                      tokenize(valid, tokenizers), valid.tgt, 1, 2, results)
+    rows, results, built, _ = compare_settings_on_cpu(
+        module_small_corpus, tiny_config_for, monkeypatch, tmp_path, native_bf16=False)
+    built = [asked for asked, _ in built]
     assert built == ["none", "none"]
     assert [r["tgt_tokens_per_s"] > 0 for r in rows[:2]] == [True, True]
     assert all("no bf16 instructions" in r["skipped"] for r in rows[2:]) and len(rows) == 4

@@ -13,7 +13,6 @@ once the run directory is gone.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from pathlib import Path
