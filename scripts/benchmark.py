@@ -42,6 +42,7 @@ from tinyt.config import Config, ModelConfig, load_config  # noqa: E402
 from tinyt.data import collate, load_split, make_batches, tokenize  # noqa: E402
 from tinyt.evaluation import score_translations, teacher_forced_nll  # noqa: E402
 from tinyt.hardware import cpu_has_native_bf16, resolve_device, set_threads  # noqa: E402
+from tinyt.loading import load_translator  # noqa: E402
 from tinyt.tokenizer import train_or_load  # noqa: E402
 from tinyt.training import Trainer  # noqa: E402
 from tinyt.translation import Translator  # noqa: E402
@@ -246,7 +247,7 @@ def bench_engine(engine: str, model_path: str, sources: list[str], references: l
     set_threads(num_threads)
     if reuse_memory:
         reuse_freed_memory()
-    translator = Translator.load(model_path, device=device)
+    translator = load_translator(model_path, device=device)
     src_ids = translator.tokenizers.encode_src(sources)
     result: dict = {"engine": engine}
     for beam in (1, 5):

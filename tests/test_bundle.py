@@ -15,11 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tinyt.bundle import export_bundle, load_bundle, load_for_inference
-from tinyt.checkpoint import (average_checkpoints, load_checkpoint, load_trained,
-                              prune_validation_checkpoints, validation_checkpoints)
+from tinyt.bundle import export_bundle, load_bundle
+from tinyt.checkpoint import (
+    average_checkpoints,
+    load_checkpoint,
+    load_trained,
+    prune_validation_checkpoints,
+    validation_checkpoints,
+)
 from tinyt.config import config_from_dict
 from tinyt.errors import TinytError
+from tinyt.loading import load_translator, load_weights
 from tinyt.run_summary import format_run_info, run_info
 from tinyt.training import train
 from tinyt.translation import Translator
@@ -237,8 +243,8 @@ def test_averaging_refuses_checkpoints_of_another_vocabulary(run_copy):
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_bundle_translates_exactly_like_the_run(run_dir, bundle, sentences, beam):
-    from_run = Translator.from_run(run_dir, device="cpu").translate(sentences, beam_size=beam)
-    from_bundle = Translator.load(bundle, device="cpu").translate(sentences, beam_size=beam)
+    from_run = load_translator(run_dir, device="cpu").translate(sentences, beam_size=beam)
+    from_bundle = load_translator(bundle, device="cpu").translate(sentences, beam_size=beam)
     assert from_bundle == from_run
     assert any(from_run)
 
@@ -284,15 +290,15 @@ def test_a_bundle_is_a_safetensors_file_with_a_tied_embedding_stored_once(
     assert torch.equal(model.src_embed.weight, run_model.src_embed.weight)
     assert payload["bundle_version"] == 3 and payload["format"] == "tinyt-bundle"
     assert payload["tokenizer"]["joint"] and set(payload["tokenizer"]["models"]) == {"joint"}
-    assert Translator.load(bundle, device="cpu").translate(sentences, beam_size=2) == \
-        Translator.from_run(run_dir, device="cpu").translate(sentences, beam_size=2)
+    assert load_translator(bundle, device="cpu").translate(sentences, beam_size=2) == \
+        load_translator(run_dir, device="cpu").translate(sentences, beam_size=2)
 
 
 def test_bundle_works_after_the_run_is_deleted(run_dir, run_copy, sentences, tmp_path):
     path = export_bundle(run_copy, tmp_path / "exports" / "copy.tinyt", checkpoint="last.pt")
     shutil.rmtree(run_copy)
-    out = Translator.load(path, device="cpu").translate(sentences, beam=2)
-    assert out == Translator.from_run(run_dir, "last.pt", device="cpu").translate(sentences,
+    out = load_translator(path, device="cpu").translate(sentences, beam=2)
+    assert out == load_translator(run_dir, checkpoint="last.pt", device="cpu").translate(sentences,
                                                                                    beam_size=2)
 
 
@@ -314,8 +320,8 @@ def test_separate_vocabularies_round_trip(module_small_corpus, tiny_config_for, 
     assert model.src_embed is not model.tgt_embed
     assert tokenizers.src.serialized_model_proto() == bytes(tensors["tokenizer.src"].numpy())
     assert tokenizers.tgt.serialized_model_proto() == bytes(tensors["tokenizer.tgt"].numpy())
-    assert Translator.load(path, device="cpu").translate(sentences[:5], beam_size=1) == \
-        Translator.load(tmp_path / "run", device="cpu").translate(sentences[:5], beam_size=1)
+    assert load_translator(path, device="cpu").translate(sentences[:5], beam_size=1) == \
+        load_translator(tmp_path / "run", device="cpu").translate(sentences[:5], beam_size=1)
 
 
 def test_missing_foreign_truncated_damaged_and_future_bundles_are_clear_errors(
@@ -450,8 +456,8 @@ def test_bundles_of_versions_1_and_2_still_load(run_dir, sentences, tmp_path, ve
     run_config, _, _, run_payload = load_trained(run_dir)
     assert config.to_dict() == run_config.to_dict()
     assert payload["progress"] == run_payload["progress"]
-    assert Translator.load(path, device="cpu").translate(sentences, beam_size=2) == \
-        Translator.from_run(run_dir, device="cpu").translate(sentences, beam_size=2)
+    assert load_translator(path, device="cpu").translate(sentences, beam_size=2) == \
+        load_translator(run_dir, device="cpu").translate(sentences, beam_size=2)
     assert run_info(path)["validation"] == run_info(run_dir)["validation"]
 
     raw = torch.load(path, weights_only=True)
@@ -540,7 +546,7 @@ def test_run_info_of_a_run_and_its_bundle_agree(run_dir, bundle):
 
 def test_translator_load_and_translate_options(run_dir, bundle, sentences):
     for source in (run_dir, str(bundle)):
-        translator = Translator.load(source, device="cpu")
+        translator = load_translator(source, device="cpu")
         assert translator.translate(sentences[:4], beam=2) == \
             translator.translate(sentences[:4], beam_size=2)
         assert translator.translate(sentences[0], beam=1) == \
@@ -548,17 +554,17 @@ def test_translator_load_and_translate_options(run_dir, bundle, sentences):
     with pytest.raises(TypeError, match="pass one of them"):
         translator.translate(sentences[:1], beam_size=2, beam=3)
     with pytest.raises(TinytError, match="does not exist"):
-        Translator.load(run_dir / "missing", device="cpu")
+        load_translator(run_dir / "missing", device="cpu")
 
 
 def test_load_for_inference_takes_a_run_or_a_bundle(run_dir, bundle):
-    from_run = load_for_inference(run=run_dir)
-    from_bundle = load_for_inference(model=bundle)
+    from_run = load_weights(run=run_dir)
+    from_bundle = load_weights(model=bundle)
     assert from_run[0].to_dict() == from_bundle[0].to_dict()
     with pytest.raises(TinytError, match="not both"):
-        load_for_inference(run=run_dir, model=bundle)
+        load_weights(run=run_dir, model=bundle)
     with pytest.raises(TinytError, match="--model"):
-        load_for_inference()
+        load_weights()
 
 
 def test_import_tinyt_does_not_import_torch():

@@ -74,7 +74,7 @@ def test_export_then_translate_gives_the_same_output_as_the_run(run, tmp_path):
 def test_bundle_in_a_fresh_process_needs_nothing_else(run, tmp_path):
     bundle = tmp_path / "model.tinyt"
     assert invoke("export", "--run", run, "-o", bundle).exit_code == 0
-    code = ("from tinyt import Translator; t = Translator.load(%r, device='cpu'); "
+    code = ("import tinyt; t = tinyt.load_translator(%r, device='cpu'); "
             "print(t.translate(['Ein Mann fährt Fahrrad.'], beam=2)[0])" % str(bundle))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120)

@@ -19,10 +19,14 @@ pytest.importorskip("ctranslate2")
 from tinyt.checkpoint import load_checkpoint, load_trained, save_checkpoint  # noqa: E402
 from tinyt.cli import app  # noqa: E402
 from tinyt.config import config_from_dict  # noqa: E402
-from tinyt.ctranslate2_model import (CTranslate2Translator, export_ctranslate2,  # noqa: E402
-                                     is_ctranslate2_dir)
+from tinyt.ctranslate2_model import (  # noqa: E402
+    CTranslate2Translator,
+    export_ctranslate2,
+    is_ctranslate2_dir,
+)
 from tinyt.errors import TinytError  # noqa: E402
 from tinyt.evaluation import score_translations  # noqa: E402
+from tinyt.loading import load_translator  # noqa: E402
 from tinyt.search import max_output_lengths  # noqa: E402
 from tinyt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from tinyt.training import train  # noqa: E402
@@ -116,7 +120,7 @@ def test_teacher_forced_log_probs_equal_tinyts(trained, exported, module_small_c
 def test_decoding_gives_tinyts_own_output(trained, exported, sentences, beam):
     config, tokenizers, model, _ = load_trained(trained)
     ours = Translator(model, tokenizers, config.decoding, "cpu")
-    theirs = Translator.load(exported, device="cpu")
+    theirs = load_translator(exported, device="cpu")
     assert isinstance(theirs, CTranslate2Translator)
     src_ids = tokenizers.encode_src(sentences)
     a = ours.translate_ids(src_ids, beam_size=beam)
@@ -141,8 +145,8 @@ def test_decoding_gives_tinyts_own_output(trained, exported, sentences, beam):
 def test_text_in_text_out_matches_including_empty_lines(trained, exported, sentences, capfd):
     lines = [sentences[0], "", "   ", sentences[1], "Zwei Hunde spielen im Schnee. " * 30,
              "\u200b", "\x01"]  # the last two are no pieces at all to SentencePiece: no input
-    ours = Translator.load(trained, device="cpu").translate(lines, beam_size=3)
-    theirs = Translator.load(exported, device="cpu").translate(lines, beam_size=3)
+    ours = load_translator(trained, device="cpu").translate(lines, beam_size=3)
+    theirs = load_translator(exported, device="cpu").translate(lines, beam_size=3)
     assert theirs[1] == theirs[2] == theirs[5] == theirs[6] == ""
     assert ours[5:] == theirs[5:]
     assert ours[:4] == theirs[:4] and theirs[0] and theirs[3]
@@ -162,7 +166,7 @@ def test_int8_weights_translate_nearly_as_well_as_float32(trained, exported,
     src, ref = read_pairs(module_small_corpus, "train")
     bleu = {}
     for name, folder in (("float32", exported), ("int8", int8)):
-        hyps = Translator.load(folder, device="cpu").translate(src, beam_size=5)
+        hyps = load_translator(folder, device="cpu").translate(src, beam_size=5)
         bleu[name] = score_translations(hyps, ref)["bleu"]
     assert bleu["float32"] > 30, bleu  # a model that translates its training set
     assert bleu["int8"] >= 0.8 * bleu["float32"], bleu
@@ -199,8 +203,8 @@ def test_every_architecture_converts_exactly(small_corpus, tiny_config_for, tmp_
 
     src, tgt = read_pairs(small_corpus, "val")
     assert_same_scores(run, export, src[:30], tgt[:30])
-    ours = Translator.load(run, device="cpu").translate(src[:30], beam_size=1)
-    assert Translator.load(export, device="cpu").translate(src[:30], beam_size=1) == ours
+    ours = load_translator(run, device="cpu").translate(src[:30], beam_size=1)
+    assert load_translator(export, device="cpu").translate(src[:30], beam_size=1) == ours
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -224,14 +228,21 @@ def test_export_translate_and_evaluate_through_the_cli(trained, tmp_path):
 
 
 def test_perplexity_from_ctranslate2_equals_tinyts(trained, exported, tmp_path):
-    from_run = invoke("evaluate", "--run", trained, "--split", "test", "--beam", "1")
+    # The export is float32, so tinyt must score in float32 too: train.amp auto scores in bf16
+    # on a CPU with native bf16 (AVX512-BF16/AMX; tinyt.hardware.amp_dtype), which moved this
+    # model's test loss from 4.46799 to 4.46858, past the bound below. In float32 the two mean
+    # NLLs (1,859 tokens) differ by 3e-7 (per token at most 1e-5); each is rounded to 4
+    # decimals in evaluations.jsonl, so they are equal or one rounding step (1e-4) apart.
+    from_run = invoke("evaluate", "--run", trained, "--split", "test", "--beam", "1",
+                      "--set", "train.amp=none")
     from_export = invoke("evaluate", "--model", exported, "--split", "test", "--beam", "1")
-    assert from_run.exit_code == from_export.exit_code == 0, from_export.output
+    assert from_run.exit_code == from_export.exit_code == 0, from_run.output + from_export.output
     run_record = json.loads((trained / "evaluations.jsonl").read_text().splitlines()[-1])
     export_record = json.loads(
         (exported.with_name(exported.name + ".eval") / "evaluations.jsonl").read_text())
+    assert run_record["beam"] == export_record["beam"] == 1  # the records of these two calls
     assert export_record["target_tokens"] == run_record["target_tokens"]
-    assert export_record["loss"] == pytest.approx(run_record["loss"], abs=2e-4)
+    assert export_record["loss"] == pytest.approx(run_record["loss"], abs=1.5e-4)
     assert export_record["bleu"] == run_record["bleu"]  # greedy: the same hypotheses
 
 
@@ -267,7 +278,7 @@ def test_two_exports_to_one_folder_at_once_leave_one_whole_export(trained, tmp_p
         thread.join()
     assert not errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert Translator.load(out, device="cpu").translate(["Ein Mann."], beam_size=1)[0]
+    assert load_translator(out, device="cpu").translate(["Ein Mann."], beam_size=1)[0]
 
 
 def test_a_failed_export_leaves_the_previous_one_and_no_temporaries(trained, tmp_path,

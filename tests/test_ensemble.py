@@ -8,17 +8,18 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_nbest_and_scoring import pairs, trained
+from test_search import LENGTHS, make_model, make_sources
 from typer.testing import CliRunner
 
 from tinyt.cli import app
 from tinyt.config import TokenizerConfig
 from tinyt.ensemble import Ensemble, check_same_vocabularies
 from tinyt.errors import TinytError
+from tinyt.loading import load_translator
 from tinyt.search import beam_search, max_output_lengths, nbest_search
 from tinyt.tokenizer import BOS_ID, train_or_load
 from tinyt.translation import Translator
-from test_nbest_and_scoring import pairs, trained
-from test_search import LENGTHS, make_model, make_sources
 
 __all__ = ["pairs", "trained"]  # fixtures, imported for the tests below
 runner = CliRunner()
@@ -86,7 +87,7 @@ def test_cli_translates_scores_and_evaluates_with_an_ensemble(trained, pairs, tm
     torch.save(payload, second / "best.pt")
 
     sources = list(pairs[0][:8])
-    members = [Translator.from_run(r, device="cpu") for r in (trained, second)]
+    members = [load_translator(r, device="cpu") for r in (trained, second)]
     ensemble = Translator(Ensemble([m.model for m in members]), members[0].tokenizers,
                           members[0].decoding, "cpu")
     source = tmp_path / "in.de"
@@ -94,7 +95,7 @@ def test_cli_translates_scores_and_evaluates_with_an_ensemble(trained, pairs, tm
     out = invoke("translate", "--run", trained, "--run", second, "-i", source, "--beam", "3")
     assert out.exit_code == 0, out.output
     assert out.stdout.splitlines() == ensemble.translate(sources, beam_size=3)
-    api = Translator.ensemble([trained, second], device="cpu")
+    api = load_translator([trained, second], device="cpu")
     assert api.translate(sources, beam_size=3) == out.stdout.splitlines()
     assert api.translate(sources, beam_size=3) != members[1].translate(sources, beam_size=3)
 

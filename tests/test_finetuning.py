@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cli_tools import run_main
+from test_training import assert_same_last_checkpoint
 
 from tinyt.checkpoint import load_checkpoint, load_trained
 from tinyt.cli import main
@@ -24,10 +26,7 @@ from tinyt.config import config_from_dict
 from tinyt.data import ParallelText, tokenize
 from tinyt.errors import TinytError
 from tinyt.evaluation import teacher_forced_nll
-from tinyt.translation import Translator
-
-from test_cli_tools import run_main
-from test_training import assert_same_last_checkpoint
+from tinyt.loading import load_translator
 
 START_STEPS = 200  # R's training
 TUNE_STEPS = 60  # a fine-tuning run's
@@ -126,7 +125,7 @@ def test_fine_tuning_learns_the_new_domain_and_keeps_the_old(start_run, fine_tun
     assert after < before - 0.1, (before, after)
     old_before, old_after = loss(start_run, general), loss(fine_tuned, general)
     assert old_after < old_before + 0.5, (old_before, old_after)  # not forgotten
-    hyps = Translator.from_run(fine_tuned).translate([s for s, _ in general[:10]], beam_size=2)
+    hyps = load_translator(fine_tuned).translate([s for s, _ in general[:10]], beam_size=2)
     assert all(h.strip() for h in hyps), hyps
 
 

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_search import LENGTHS, make_model, make_sources
 from typer.testing import CliRunner
 
 from tinyt.checkpoint import load_trained
 from tinyt.cli import app
 from tinyt.errors import TinytError
+from tinyt.loading import load_translator
 from tinyt.search import beam_search, greedy_search, max_output_lengths, nbest_search
 from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tinyt.translation import Translator
-from test_search import LENGTHS, make_model, make_sources
 
 runner = CliRunner()
 
@@ -99,7 +100,7 @@ def pairs(module_small_corpus) -> tuple[list[str], list[str]]:
 
 
 def test_translate_nbest_starts_with_translate_and_keeps_order(trained, pairs):
-    translator = Translator.load(trained, device="cpu")
+    translator = load_translator(trained, device="cpu")
     lines = [pairs[0][0], "", pairs[0][1], "  ", pairs[0][2]]
     got = translator.translate_nbest(lines, 3, beam_size=4)
     assert len(got) == len(lines)
@@ -116,7 +117,7 @@ def test_ctranslate2_nbest_lists_and_scores_equal_tinyts(trained, exported, pair
 
     config, tokenizers, model, _ = load_trained(trained)
     ours = Translator(model, tokenizers, config.decoding, "cpu")
-    theirs = Translator.load(exported, device="cpu")
+    theirs = load_translator(exported, device="cpu")
     assert isinstance(theirs, CTranslate2Translator)
     src_ids = tokenizers.encode_src(pairs[0])
     src = torch.full((len(src_ids), max(map(len, src_ids)) + 1), PAD_ID)
@@ -142,7 +143,7 @@ def test_ctranslate2_nbest_lists_and_scores_equal_tinyts(trained, exported, pair
 # -- tinyt translate --nbest / --scores / --format -------------------------------------------
 
 def test_cli_nbest_text_tsv_and_jsonl(trained, pairs, tmp_path):
-    translator = Translator.load(trained, device="cpu")
+    translator = load_translator(trained, device="cpu")
     lines = pairs[0][:3]
     expected = translator.translate_nbest(lines, 3, beam_size=3)
     infile = tmp_path / "in.de"
@@ -290,7 +291,7 @@ def test_interactive_translation_writes_each_inputs_hypotheses_at_once(trained):
 
     from tinyt.cli import stream_translations
 
-    translator = Translator.load(trained, device="cpu")
+    translator = load_translator(trained, device="cpu")
     out = io.StringIO()
     stream_translations(translator, iter(["Ein Hund.", "Zwei Katzen."]), out, 3, None, nbest=2,
                         output_format="tsv")

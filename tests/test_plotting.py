@@ -185,15 +185,15 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def translator(module_small_corpus, tiny_config_for, write_config, tmp_path_factory):
     """A Translator over a tiny model trained for one epoch on 200 Multi30k pairs."""
+    from tinyt.loading import load_translator
     from tinyt.training import train
-    from tinyt.translation import Translator
 
     raw = tiny_config_for(module_small_corpus, tmp_path_factory.mktemp("plot") / "run")
     raw["model"]["dec_layers"] = 2
     raw["train"]["valid_bleu"] = False
     path = write_config(raw, tmp_path_factory.mktemp("config") / "tiny.yaml")
     summary = train(load_config(path), progress_bars=False)
-    return Translator.from_run(summary["run_dir"], device="cpu")
+    return load_translator(summary["run_dir"], device="cpu")
 
 
 @pytest.mark.parametrize("layer, head, beam", [(-1, 0, 1), (0, 1, 2)])

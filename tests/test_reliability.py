@@ -20,6 +20,7 @@ import tinyt.checkpoint as checkpoint_module
 from tinyt.checkpoint import load_checkpoint, save_checkpoint
 from tinyt.config import config_from_dict
 from tinyt.errors import TinytError
+from tinyt.loading import load_translator
 from tinyt.model import Transformer
 from tinyt.training import train
 from tinyt.translation import Translator
@@ -284,7 +285,7 @@ def translator(module_small_corpus, tiny_config_for, tmp_path_factory):
     raw["train"]["valid_bleu"] = False
     config = config_from_dict(raw)
     train(config, progress_bars=False)
-    translator = Translator.from_run(config.run_dir, device="cpu")
+    translator = load_translator(config.run_dir, device="cpu")
     translator.run_dir = Path(config.run_dir)
     return translator
 

@@ -8,14 +8,20 @@ import json
 
 import pytest
 import torch
+from test_nbest_and_scoring import forced_log_probs, pairs, trained
+from test_search import LENGTHS, make_model, make_sources
 from typer.testing import CliRunner
 
 from tinyt.cli import app
 from tinyt.errors import TinytError
-from tinyt.search import _draw, greedy_search, max_output_lengths, nbest_search, sample_search
-from tinyt.translation import Translator
-from test_nbest_and_scoring import forced_log_probs, pairs, trained
-from test_search import LENGTHS, make_model, make_sources
+from tinyt.loading import load_translator
+from tinyt.search import (
+    _draw,
+    greedy_search,
+    max_output_lengths,
+    nbest_search,
+    sample_search,
+)
 
 __all__ = ["pairs", "trained"]  # fixtures, imported for the tests below
 runner = CliRunner()
@@ -93,7 +99,7 @@ def test_top_k_and_top_p_draw_only_from_their_sets():
 
 def test_translator_sample_is_reproducible_and_independent_of_batching(trained, pairs):
     sources = list(pairs[0][:12]) + ["", "   "]
-    translator = Translator.from_run(trained, device="cpu")
+    translator = load_translator(trained, device="cpu")
     first = translator.sample(sources, n=3, temperature=1.3, seed=5)
     assert len(first) == len(sources) and all(len(d) == 3 for d in first[:12])
     assert first[12:] == [[("", 0.0)], [("", 0.0)]]

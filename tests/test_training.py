@@ -10,8 +10,8 @@ import torch
 from tinyt.checkpoint import load_checkpoint
 from tinyt.config import config_from_dict
 from tinyt.evaluation import score_translations
+from tinyt.loading import load_translator
 from tinyt.training import train
-from tinyt.translation import Translator
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 
@@ -85,7 +85,7 @@ def test_tiny_model_overfits_a_small_corpus(tmp_path, short_pairs):
     first_loss, last_loss = metrics[0]["train_loss"], metrics[-1]["train_loss"]
     assert last_loss < 0.25 * first_loss, metrics
     assert metrics[-1]["valid_loss"] < 0.5
-    translator = Translator.from_run(config.run_dir)
+    translator = load_translator(config.run_dir)
     hyps = translator.translate([s for s, _ in pairs], beam_size=1)
     bleu = score_translations(hyps, [t for _, t in pairs])["bleu"]
     assert bleu > 50, (bleu, hyps[:5])

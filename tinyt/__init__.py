@@ -2,8 +2,8 @@
 
 The Python API, for example:
 
-    from tinyt import Translator
-    Translator.load("runs/multi30k_de_en").translate(["Ein Hund läuft."], beam_size=5)
+    import tinyt
+    tinyt.load_translator("runs/multi30k_de_en").translate(["Ein Hund läuft."], beam_size=5)
 
 The names below are imported on first use, not by `import tinyt`: importing torch takes
 seconds, and `tinyt --version` or a config check should not pay for it.
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "Translator": "tinyt.translation",
+    "load_translator": "tinyt.loading",
     "TinytError": "tinyt.errors",
     "export_bundle": "tinyt.bundle",
     "export_ctranslate2": "tinyt.ctranslate2_model",

@@ -54,7 +54,7 @@ from tinyt.checkpoint import (build_model, load_tensors_safely, load_trained, sh
 from tinyt.config import Config, ConfigError, config_from_dict
 from tinyt.errors import TinytError
 from tinyt.model import Transformer
-from tinyt.run_summary import metrics_summary
+from tinyt.rundir import metrics_summary
 from tinyt.tokenizer import Tokenizers
 from tinyt.writing import atomic_write_bytes
 
@@ -363,21 +363,3 @@ def _processor(model_bytes: torch.Tensor) -> spm.SentencePieceProcessor:
         raise TypeError("tokenizer model is not a byte tensor")
     return spm.SentencePieceProcessor(model_proto=_tensor_to_bytes(model_bytes))
 
-
-def load_for_inference(run: str | Path | None = None, model: str | Path | None = None,
-                       checkpoint: str = "best.pt"
-                       ) -> tuple[Config, Tokenizers, Transformer, dict[str, Any]]:
-    """(config, tokenizers, model, payload) from a run directory (`run`, with `checkpoint`)
-    or a bundle file (`model`): exactly one of the two."""
-    if run is not None and model is not None:
-        raise TinytError("pass either a run directory (--run) or a model bundle (--model), "
-                         "not both")
-    if run is None and model is None:
-        raise TinytError("pass a run directory (--run runs/NAME) or a model bundle "
-                         "(--model FILE)")
-    if model is not None:
-        if checkpoint != "best.pt":
-            raise TinytError(f"--checkpoint {checkpoint} applies to a run directory; a model "
-                             "bundle holds the one checkpoint it was exported from")
-        return load_bundle(model)
-    return load_trained(run, checkpoint)

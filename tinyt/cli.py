@@ -324,10 +324,8 @@ def evaluate(
     from tinyt.evaluation import evaluate_split, format_evaluation
     from tinyt.hardware import set_threads
 
-    models = list(model_file or [])
-    run, config, tokenizers, model, payload = _load_for_command(run, models, checkpoint,
-                                                                overrides, device)
-    model_file = models[0] if models and run is None else None
+    loaded = _load_for_command(run, model_file, checkpoint, overrides, device)
+    run, model_file, config, payload = loaded.run, loaded.model_file, loaded.config, loaded.payload
     set_threads(config.train.num_threads)
     if data_dir is not None:
         config.data.dir = data_dir
@@ -339,7 +337,8 @@ def evaluate(
         checkpoint = "ensemble of " + " + ".join(payload["members"])
     elif model_file is not None:
         checkpoint = f"{model_file.name} ({payload['source']['checkpoint']})"
-    result = evaluate_split(config, tokenizers, model, split, _device(device), out_root, beam,
+    result = evaluate_split(config, loaded.tokenizers, loaded.translator, split,
+                            loaded.translator.device, out_root, beam,
                             length_penalty, checkpoint=checkpoint,
                             step=payload["progress"]["step"])
     typer.echo(f"{model_file or run} {split} ({result['sentences']} sentences, {checkpoint} "
@@ -349,52 +348,16 @@ def evaluate(
 
 def _load_for_command(runs: Optional[List[Path]], model_files: Optional[List[Path]],
                       checkpoint: str, overrides: Optional[List[str]], device: str = "auto"):
-    """(run, config, tokenizers, model, payload) for evaluate/translate/score: a bundle or a
-    CTranslate2 export (--model) or a run (--run, default the latest), with --set overrides
-    applied to its config. For a CTranslate2 export, `model` is its CTranslate2Translator.
-    Several runs and bundles make an `Ensemble` (the first one's config and payload)."""
-    from tinyt.bundle import load_for_inference
-    from tinyt.config import override_config
-    from tinyt.ctranslate2_model import CTranslate2Translator, is_ctranslate2_dir, load_export
+    """`tinyt.loading.load_model` of evaluate/translate/score's --run and --model options:
+    without either, the latest run under ./runs."""
+    from tinyt.loading import load_model
 
     runs, model_files = list(runs or []), list(model_files or [])
-    if len(runs) + len(model_files) > 1:
-        return _load_ensemble(runs, model_files, checkpoint, overrides)
-    run = runs[0] if runs else None
-    model_file = model_files[0] if model_files else None
-
-    if model_file is not None and model_file.is_dir():
-        if run is not None:
-            raise TinytError("pass either a run directory (--run) or a model (--model), not both")
-        if not is_ctranslate2_dir(model_file):
-            raise TinytError(f"{model_file} is a folder but not a model exported by tinyt (it "
-                             "has no tinyt.json and model.bin); pass a bundle file, a folder "
-                             "made by tinyt export --format ctranslate2, or a run as --run")
-        if checkpoint != "best.pt":
-            raise TinytError(f"--checkpoint {checkpoint} applies to a run directory; "
-                             f"{model_file} holds the one checkpoint it was exported from")
-        config, tokenizers, record = load_export(model_file)
-        config = override_config(config, overrides or [], check_paths=False)
-        translator = CTranslate2Translator(model_file, config, _device(device))
-        payload = {"progress": record.get("progress") or {"step": None},
-                   "source": record.get("source") or {"checkpoint": None}}
-        return None, config, tokenizers, translator, payload
-    if model_file is None:
-        run = _find_run(run)
-    config, tokenizers, model, payload = load_for_inference(run, model_file, checkpoint)
-    return run, override_config(config, overrides or [], check_paths=False), tokenizers, model, \
-        payload
-
-
-def _load_ensemble(runs: list[Path], model_files: list[Path], checkpoint: str,
-                   overrides: Optional[List[str]]):
-    """`_load_for_command` for several runs and bundles: their models as one `Ensemble`."""
-    from tinyt.config import override_config
-    from tinyt.ensemble import load_ensemble
-
-    config, tokenizers, model, payload = load_ensemble(runs, model_files, checkpoint)
-    config = override_config(config, overrides or [], check_paths=False)
-    return (runs[0] if runs else None), config, tokenizers, model, payload
+    if not model_files and len(runs) <= 1:
+        runs = [_find_run(runs[0] if runs else None)]
+    elif model_files and len(runs) == 1 and len(model_files) == 1 and model_files[0].is_dir():
+        raise TinytError("pass either a run directory (--run) or a model (--model), not both")
+    return load_model(runs, model_files, checkpoint, overrides or [], _device(device))
 
 
 def _device(name: str):
@@ -567,8 +530,6 @@ def translate(
 
     Example (an ensemble): tinyt translate --run runs/a --run runs/b -i test.de -o test.en
     """
-    from tinyt.translation import Translator
-
     if input_file is not None and text:
         raise TinytError("give either sentences or --input FILE, not both")
     if input_file is not None and not input_file.is_file():
@@ -579,11 +540,8 @@ def translate(
     sampling = _sampling_options(sample, beam, temperature, top_k, top_p, seed)
     _check_output_file(output_file)  # before translating, not after
     interactive = input_file is None and text in (None, [], ["-"]) and sys.stdin.isatty()
-    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
-                                                          device)
-    translator = (model if isinstance(model, Translator)  # a CTranslate2 export's
-                  else Translator(model, tokenizers, config.decoding, _device(device),
-                                  config.train.amp))
+    loaded = _load_for_command(run, model_file, checkpoint, overrides, device)
+    translator, config = loaded.translator, loaded.config
     beam_size = config.decoding.beam_size if beam is None else beam
     if nbest is not None and nbest > beam_size and sampling is None:
         raise TinytError(f"--nbest {nbest} needs a beam of at least {nbest}, and the beam is "
@@ -683,7 +641,6 @@ def score(
     Example: tinyt score --run runs/multi30k_de_en --source test.de --target test.en
     """
     from tinyt.tokenizer import EOS_ID
-    from tinyt.translation import Translator
 
     sources = _read_lines_file(source, "--source")
     targets = _read_lines_file(target, "--target")
@@ -691,11 +648,8 @@ def score(
         raise TinytError(f"--source {source} has {len(sources)} lines but --target {target} "
                          f"has {len(targets)}; give one target line a source line")
     _check_output_file(output_file)
-    run, config, tokenizers, model, _ = _load_for_command(run, model_file, checkpoint, overrides,
-                                                          device)
-    scorer = (model if isinstance(model, Translator)  # a CTranslate2 export's
-              else Translator(model, tokenizers, config.decoding, _device(device),
-                              config.train.amp))
+    loaded = _load_for_command(run, model_file, checkpoint, overrides, device)
+    scorer, tokenizers = loaded.translator, loaded.tokenizers
     lines = []
     for ids, logps in scorer.score(sources, targets):
         total = sum(logps)
@@ -742,14 +696,96 @@ def attention(
 
     Example: tinyt attention "Ein Hund läuft." --run runs/multi30k_de_en --layer -1 --head 0
     """
+    from tinyt.loading import load_translator
     from tinyt.plotting import plot_attention
-    from tinyt.translation import Translator
 
     run = _find_run(run)
-    translator = Translator.from_run(run, checkpoint=checkpoint, device=device)
+    translator = load_translator(run, checkpoint=checkpoint, device=device)
     path = plot_attention(translator, _argument_text(sentence), output or run / "attention.png",
                           layer=layer, head=head, beam_size=beam)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    run: Optional[List[Path]] = typer.Option(
+        None, "--run", help="Run directory to serve (repeatable: one model per language pair; "
+                            "default: the latest run)."),
+    model_file: Optional[List[Path]] = typer.Option(
+        None, "--model", "-m",
+        help="Model bundle or CTranslate2 folder to serve (repeatable, with --run too)."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(5000, "--port", "-p", min=0, max=65535,
+                             help="Port to listen on (0: any free port)."),
+    checkpoint: str = CHECKPOINT_OPTION,
+    device: str = DEVICE_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    char_limit: int = typer.Option(5000, "--char-limit", min=1,
+                                   help="Characters of text one request may carry."),
+    batch_limit: int = typer.Option(128, "--batch-limit", min=1,
+                                    help="Lines (sentences) one request may carry."),
+    request_timeout: float = typer.Option(60.0, "--request-timeout", min=0.001,
+                                          help="Seconds one translation may take, queue "
+                                               "included."),
+    api_keys: Optional[Path] = typer.Option(
+        None, "--api-keys",
+        help="File of API keys, one a line: requests must carry one (api_key)."),
+    max_wait_ms: float = typer.Option(3.0, "--max-wait-ms", min=0.0, max=1000.0,
+                                      help="Milliseconds a batch may wait for more requests."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", min=1,
+                                     help="Source tokens one decoding batch may hold."),
+) -> None:
+    """Serve models over HTTP: LibreTranslate's API (its clients work unchanged), tinyt's own
+    API (n-best with scores, forced decoding, attention; documented at /docs) and a web page
+    at /. Concurrent requests are decoded together. SIGTERM or Ctrl-C answers the requests in
+    flight, then stops.
+
+    Example: tinyt serve --run runs/multi30k_de_en   (then open http://127.0.0.1:5000/)
+
+    Example (two language pairs): tinyt serve --run runs/de_en --model en_de-ct2 --port 8080
+    """
+    from tinyt.loading import load_model
+    from tinyt.server import ServeSettings, serve as run_server
+
+    runs, model_files = list(run or []), list(model_file or [])
+    if not runs and not model_files:
+        runs = [_find_run(None)]
+    keys = _read_api_keys(api_keys) if api_keys is not None else frozenset()
+    settings = ServeSettings(char_limit=char_limit, batch_limit=batch_limit,
+                             request_timeout=request_timeout, api_keys=keys,
+                             batch_tokens=batch_tokens, max_wait_ms=max_wait_ms)
+    resolved = _device(device)
+    models = [load_model([r], [], checkpoint, overrides or [], resolved) for r in runs]
+    models += [load_model([], [m], checkpoint, overrides or [], resolved) for m in model_files]
+
+    def ready(url: str) -> None:
+        for loaded in models:
+            config = loaded.config
+            typer.echo(f"serving {config.data.src_lang}->{config.data.tgt_lang} ({loaded.name}, "
+                       f"{loaded.kind})", err=True)
+        typer.echo(f"open {url}/ in a browser (API: {url}/docs); Ctrl-C stops", err=True)
+
+    stats = run_server(models, host, port, settings, on_ready=ready)
+    answered = sum(s["requests"] for s in stats.values())
+    sentences = sum(s["sentences"] for s in stats.values())
+    typer.echo(f"stopped: answered {answered} translation requests ({sentences} sentences)",
+               err=True)
+
+
+def _read_api_keys(path: Path) -> frozenset[str]:
+    """The keys of an --api-keys file: one a line, blank lines and # comments skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TinytError(f"cannot read --api-keys {path}: {getattr(exc, 'strerror', None) or exc}"
+                         "; pass a UTF-8 text file with one key a line") from None
+    keys = frozenset(line.strip() for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise TinytError(f"--api-keys {path} holds no key; write one key a line")
+    return keys
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Check and show config files.")

@@ -42,12 +42,12 @@ import torch
 from tqdm import tqdm
 
 from tinyt import __version__
-from tinyt.run_summary import metrics_summary
 from tinyt.checkpoint import load_trained
-from tinyt.config import Config, ConfigError, DecodingConfig, config_from_dict
+from tinyt.config import Config, ConfigError, config_from_dict
 from tinyt.data import TokenizedText
 from tinyt.errors import TinytError
 from tinyt.model import Transformer, sinusoidal_positions
+from tinyt.rundir import metrics_summary
 from tinyt.search import output_length_limits
 from tinyt.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizers
 from tinyt.translation import Translator
@@ -296,7 +296,7 @@ def ct2_device(device: torch.device | str) -> str:
 class CTranslate2Translator(Translator):
     """`Translator` whose model is a CTranslate2 export. For example:
 
-        translator = Translator.load("model-ct2")   # a folder made by tinyt export
+        translator = tinyt.load_translator("model-ct2")   # a folder made by tinyt export
         translator.translate(["Ein Hund läuft."], beam_size=5)
     """
 

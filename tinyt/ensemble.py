@@ -12,13 +12,10 @@ renormalised, as Marian and OpenNMT combine models. The members must share their
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from tinyt.config import Config
 from tinyt.errors import TinytError
 from tinyt.model import DecoderState, Transformer
 from tinyt.tokenizer import Tokenizers
@@ -85,31 +82,3 @@ def check_same_vocabularies(tokenizers: list[Tokenizers], names: list[str]) -> N
                              "ensemble needs runs trained with the same tokenizer (the same "
                              "data and tokenizer settings, or fine-tuned with --init-from)")
 
-
-def load_ensemble(runs: list[str | Path], bundles: list[str | Path] = (),
-                  checkpoint: str = "best.pt"
-                  ) -> tuple[Config, Tokenizers, Ensemble, dict[str, Any]]:
-    """(config, tokenizers, ensemble, payload) of several runs (each with `checkpoint`) and
-    bundle files, checked to translate one language pair with the same vocabularies. The
-    config and tokenizers are the first member's; the payload names the members."""
-    from tinyt.bundle import load_for_inference
-
-    members = [(Path(r), None) for r in runs] + [(None, Path(b)) for b in bundles]
-    loaded, names = [], []
-    for run, bundle in members:
-        if bundle is not None and bundle.is_dir():
-            raise TinytError(f"{bundle} is a folder (a CTranslate2 export?); an ensemble is made "
-                             "of runs (--run) and bundle files (--model FILE.tinyt)")
-        loaded.append(load_for_inference(run, bundle, checkpoint))
-        names.append(str(run if run is not None else bundle))
-    pairs = {(c.data.src_lang, c.data.tgt_lang) for c, _, _, _ in loaded}
-    if len(pairs) > 1:
-        raise TinytError(f"the ensemble's models translate different languages ("
-                         f"{', '.join(f'{s}->{t}' for s, t in sorted(pairs))}); give runs of "
-                         "one language pair")
-    check_same_vocabularies([tokenizers for _, tokenizers, _, _ in loaded], names)
-    config, tokenizers, _, _ = loaded[0]
-    payload = {"progress": {"step": None}, "source": {"checkpoint": None},
-               "members": [f"{name}/{checkpoint}" if run is not None else name
-                           for name, (run, _) in zip(names, members)]}
-    return config, tokenizers, Ensemble([model for _, _, model, _ in loaded]), payload

@@ -89,8 +89,8 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | 
                    length_penalty: float | None = None, progress: bool = True,
                    checkpoint: str = "best.pt", step: int | None = None) -> dict[str, object]:
     """Score `model` on a split of the config's corpus, as `tinyt evaluate` does. `model` is
-    a Transformer, an Ensemble of them (tinyt.ensemble), or the CTranslate2Translator of an
-    exported folder (which scores and decodes with CTranslate2).
+    a Transformer, an Ensemble of them (tinyt.ensemble), or a Translator (tinyt.loading's):
+    over either of those, or a CTranslate2 export's, which scores and decodes with CTranslate2.
 
     Teacher-forced loss and perplexity, then beam search (beam_size, default the config's),
     BLEU (tokenized by decoding.bleu_tokenize) and chrF. Sources and references are normalised
@@ -106,13 +106,13 @@ def evaluate_split(config: Config, tokenizers: Tokenizers, model: Transformer | 
     if len(text) == 0:
         raise TinytError(f"split {split!r} ({text.name}) is empty")
     data = tokenize(text, tokenizers, desc=f"tokenizing {split}")
-    if not isinstance(model, Translator):  # a Transformer, or an Ensemble of them
-        translator = Translator(model, tokenizers, config.decoding, device, config.train.amp)
-        nll, n_tokens = teacher_forced_nll(model, data, config.train.batch_tokens,
+    translator = (model if isinstance(model, Translator)
+                  else Translator(model, tokenizers, config.decoding, device, config.train.amp))
+    if translator.model is not None:  # tinyt's own model, or an Ensemble of them
+        nll, n_tokens = teacher_forced_nll(translator.model, data, config.train.batch_tokens,
                                            translator.device, translator.score_amp_dtype,
                                            progress=progress)
     else:  # a CTranslate2 export's translator (tinyt.ctranslate2_model) scores and decodes
-        translator = model
         nll, n_tokens = translator.teacher_forced_nll(data, config.train.batch_tokens,
                                                       progress=progress)
     beam = beam_size or config.decoding.beam_size

@@ -158,18 +158,12 @@ def plot_attention(translator, sentence: str, out_png: str | Path, layer: int = 
                          f"0 to {n_heads - 1}")
     if beam_size < 1:
         raise TinytError(f"beam size must be at least 1, not {beam_size}")
-    if not sentence.strip():
-        raise TinytError("nothing to translate: the sentence is empty")
     layer = layer % n_layers
 
-    # The same source ids translate_ids decodes: cut to the model's positions, then <eos>.
-    src_ids = tokenizers.encode_src([sentence])[0][: model.config.max_positions - 1]
-    out_ids = translator.translate_ids([src_ids], beam_size=beam_size)[0]
-    src = torch.tensor([src_ids + [EOS_ID]], device=translator.device)
-    tgt_in = torch.tensor([[BOS_ID] + out_ids], device=translator.device)
-    maps = model.attention_maps(src, tgt_in)
-    cross = maps["cross"][layer][0, head].cpu()  # (m+1, n+1)
-    self_attn = maps["decoder_self"][layer][0, head].cpu()  # (m+1, m+1)
+    seen = translator.attention(sentence, beam_size=beam_size)
+    src_ids, out_ids = seen.source_ids, seen.target_ids
+    cross = seen.maps["cross"][layer][head]  # (m+1, n+1)
+    self_attn = seen.maps["decoder_self"][layer][head]  # (m+1, m+1)
 
     src_labels = [tokenizers.src.id_to_piece(i) for i in src_ids + [EOS_ID]]
     in_labels = [tokenizers.tgt.id_to_piece(i) for i in [BOS_ID] + out_ids]

@@ -3,9 +3,9 @@
 `run_info` gives the same keys for all three: the model's size and vocabularies, languages, the
 data it trained on, the main model and training settings, the best validation loss and BLEU
 with their steps, the validation checkpoints kept and file sizes; `format_run_info` turns that
-into a few lines. `metrics_summary` condenses a run's metrics.jsonl; bundles and CTranslate2
-exports store its result when they are written, so they still know their run's best scores
-once the run directory is gone.
+into a few lines. Bundles and CTranslate2 exports store `tinyt.rundir.metrics_summary` of
+their run when they are written, so they still know their run's best scores once the run
+directory is gone.
 
     print(format_run_info(run_info("runs/multi30k_de_en")))
 """
@@ -13,44 +13,17 @@ once the run directory is gone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from tinyt.bundle import load_bundle
 from tinyt.checkpoint import build_model, load_run_config, validation_checkpoints
 from tinyt.config import Config
+from tinyt.ctranslate2_model import is_ctranslate2_dir, load_export
 from tinyt.data import read_split_record
+from tinyt.rundir import metrics_summary, no_validations
 from tinyt.tokenizer import Tokenizers
-
-
-def _no_validations() -> dict[str, Any]:
-    return {"validations": 0, "last_step": None,
-            "best_valid_loss": None, "best_valid_loss_step": None,
-            "best_valid_bleu": None, "best_valid_bleu_step": None}
-
-
-def metrics_summary(path: Path) -> dict[str, Any]:
-    """Best validation loss and BLEU, and their steps, from a run's metrics.jsonl (lines that
-    cannot be read, e.g. one cut short by a kill, are skipped)."""
-    summary = _no_validations()
-    if not path.is_file():
-        return summary
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            step, loss = int(record["step"]), float(record["valid_loss"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        summary["validations"] += 1
-        summary["last_step"] = step
-        if summary["best_valid_loss"] is None or loss < summary["best_valid_loss"]:
-            summary["best_valid_loss"], summary["best_valid_loss_step"] = loss, step
-        bleu = record.get("valid_bleu")
-        if isinstance(bleu, (int, float)) and (summary["best_valid_bleu"] is None
-                                               or bleu > summary["best_valid_bleu"]):
-            summary["best_valid_bleu"], summary["best_valid_bleu_step"] = float(bleu), step
-    return summary
 
 
 def _describe_config(config: Config, tokenizers: Tokenizers, parameters: int) -> dict[str, Any]:
@@ -108,11 +81,6 @@ def run_info(path: str | Path) -> dict[str, Any]:
     All three give the same keys; `kind` says which it was. Values a source cannot know
     (e.g. BLEU when validation BLEU was off) are None.
     """
-    # Imported here, not at the top: both modules import `metrics_summary` from this one to
-    # store it in what they write, and a top-level import would be a cycle.
-    from tinyt.bundle import load_bundle
-    from tinyt.ctranslate2_model import is_ctranslate2_dir, load_export
-
     path = Path(path)
     if path.is_dir() and is_ctranslate2_dir(path):
         config, tokenizers, record = load_export(path)
@@ -122,7 +90,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
                 "path": str(path),
                 **_describe_config(config, tokenizers, int(record.get("parameters") or 0)),
                 "data": _describe_data(config, None),
-                "validation": record.get("metrics") or _no_validations(),
+                "validation": record.get("metrics") or no_validations(),
                 "checkpoint": _exported_checkpoint(source, progress,
                                                    record.get("tinyt_version")),
                 "validation_checkpoints": [],
@@ -147,7 +115,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
                 "sizes": sizes}
     config, tokenizers, model, payload = load_bundle(path)
     progress = payload.get("progress") or {}
-    validation = payload.get("metrics") or _no_validations()
+    validation = payload.get("metrics") or no_validations()
     if validation["best_valid_loss"] is None:  # a bundle made without metrics.jsonl
         best = progress.get("best_valid_loss")
         if isinstance(best, (int, float)) and math.isfinite(best):

@@ -270,3 +270,35 @@ class RunDirLock:
         a refused or failed first command leaves the file system as it was."""
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# -- metrics.jsonl ----------------------------------------------------------------------------
+
+def no_validations() -> dict[str, Any]:
+    """`metrics_summary` of a run that has not validated yet."""
+    return {"validations": 0, "last_step": None,
+            "best_valid_loss": None, "best_valid_loss_step": None,
+            "best_valid_bleu": None, "best_valid_bleu_step": None}
+
+
+def metrics_summary(path: Path) -> dict[str, Any]:
+    """Best validation loss and BLEU, and their steps, from a run's metrics.jsonl (lines that
+    cannot be read, e.g. one cut short by a kill, are skipped)."""
+    summary = no_validations()
+    if not path.is_file():
+        return summary
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step, loss = int(record["step"]), float(record["valid_loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        summary["validations"] += 1
+        summary["last_step"] = step
+        if summary["best_valid_loss"] is None or loss < summary["best_valid_loss"]:
+            summary["best_valid_loss"], summary["best_valid_loss_step"] = loss, step
+        bleu = record.get("valid_bleu")
+        if isinstance(bleu, (int, float)) and (summary["best_valid_bleu"] is None
+                                               or bleu > summary["best_valid_bleu"]):
+            summary["best_valid_bleu"], summary["best_valid_bleu_step"] = float(bleu), step
+    return summary

@@ -6,16 +6,14 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from tinyt.bundle import load_bundle, load_for_inference
-from tinyt.checkpoint import load_trained
 from tinyt.config import MAX_BEAM_SIZE, DecodingConfig
 from tinyt.errors import TinytError
-from tinyt.hardware import amp_dtype, autocast, configure_backends, resolve_device
+from tinyt.hardware import amp_dtype, autocast, configure_backends
 from tinyt.model import Transformer
 from tinyt.search import (beam_search, check_sampling, max_output_lengths, nbest_search,
                           sample_search)
@@ -25,10 +23,24 @@ from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
 MAX_DECODE_SCORES = 2**25
 
 
+@dataclass
+class Attention:
+    """One translation's attention (`Translator.attention`). source_ids: the source's ids
+    without <eos>; target_ids: the translation's, without <bos>/<eos>. maps: as
+    `Transformer.attention_maps` gives them for the one sentence, without the batch dimension:
+    "cross" is dec_layers x (H, m+1, n+1), row i the decoder position that produced target
+    token i (<eos> last), column j source token j (<eos> last); "decoder_self" dec_layers x
+    (H, m+1, m+1); "encoder_self" enc_layers x (H, n+1, n+1)."""
+
+    source_ids: list[int]
+    target_ids: list[int]
+    maps: dict[str, list[torch.Tensor]]
+
+
 class Translator:
     """A trained model with its tokenizers and decoding settings. For example:
 
-        translator = Translator.load("runs/multi30k_de_en")  # or a bundle: "model.tinyt"
+        translator = tinyt.load_translator("runs/multi30k_de_en")  # or a bundle: "model.tinyt"
         translator.translate(["Ein Hund läuft.", "Zwei Katzen."], beam_size=5)  # two lines
     """
 
@@ -42,53 +54,6 @@ class Translator:
         self.amp_dtype = amp_dtype(amp, self.device, "decode")  # search
         self.score_amp_dtype = amp_dtype(amp, self.device, "score")  # teacher-forced passes
         self.max_positions = model.config.max_positions
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "auto", checkpoint: str = "best.pt"
-             ) -> Translator:
-        """A translator from a run directory (using its `checkpoint`), a bundle file made by
-        `tinyt export` or a CTranslate2 model folder made by `tinyt export --format
-        ctranslate2` (both hold one checkpoint, so `checkpoint` does not apply)."""
-        from tinyt.ctranslate2_model import CTranslate2Translator, is_ctranslate2_dir
-
-        path = Path(path)
-        if path.is_dir() and is_ctranslate2_dir(path):
-            if checkpoint != "best.pt":
-                raise TinytError(f"checkpoint={checkpoint!r} applies to a run directory; "
-                                 f"{path} holds the one checkpoint it was exported from")
-            return CTranslate2Translator(path, device=resolve_device(device))
-        if path.exists():
-            run, bundle = (path, None) if path.is_dir() else (None, path)
-            config, tokenizers, model, _ = load_for_inference(run, bundle, checkpoint)
-            return cls(model, tokenizers, config.decoding, resolve_device(device),
-                       config.train.amp)
-        raise TinytError(f"{path} does not exist; pass a run directory (runs/NAME) or a model "
-                         "bundle file made by `tinyt export`")
-
-    @classmethod
-    def ensemble(cls, paths: Sequence[str | Path], device: str = "auto",
-                 checkpoint: str = "best.pt") -> Translator:
-        """A translator decoding with several runs (their `checkpoint`) and bundle files as
-        one model, their log-probabilities averaged at every step (tinyt.ensemble). They must
-        translate one language pair with the same vocabularies (else TinytError)."""
-        from tinyt.ensemble import load_ensemble
-
-        paths = [Path(p) for p in paths]
-        config, tokenizers, model, _ = load_ensemble([p for p in paths if p.is_dir()],
-                                                     [p for p in paths if not p.is_dir()],
-                                                     checkpoint)
-        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str = "best.pt",
-                 device: str = "auto") -> Translator:
-        config, tokenizers, model, _ = load_trained(run_dir, checkpoint)
-        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
-
-    @classmethod
-    def from_bundle(cls, path: str | Path, device: str = "auto") -> Translator:
-        config, tokenizers, model, _ = load_bundle(path)
-        return cls(model, tokenizers, config.decoding, resolve_device(device), config.train.amp)
 
     def translate(self, sentences: str | Sequence[str], beam_size: int | None = None,
                   length_penalty: float | None = None, progress: bool = False, *,
@@ -197,6 +162,36 @@ class Translator:
             print(f"warning: {too_long} input sentence(s) longer than the model's "
                   f"{max_positions - 1} tokens were cut to fit", file=sys.stderr)
         return [ids[: max_positions - 1] for ids in src_ids]
+
+    @torch.no_grad()
+    def attention(self, sentence: str, translation: str | None = None,
+                  beam_size: int | None = None, length_penalty: float | None = None
+                  ) -> Attention:
+        """Where the model attends while it writes `translation` of `sentence` (default: its
+        own translation, beam search with `beam_size`): one teacher-forced pass over source
+        `x1 … xn <eos>` and decoder input `<bos> y1 … ym`. Needs tinyt's own Transformer (not
+        an ensemble or a CTranslate2 export: TinytError). The source is cut to the model's
+        positions as `translate` cuts it; a translation too long for them is a TinytError."""
+        if not hasattr(self.model, "attention_maps"):
+            raise TinytError("attention weights come from one tinyt model; an ensemble or a "
+                             "CTranslate2 export has none to show")
+        if not sentence.strip():
+            raise TinytError("nothing to translate: the sentence is empty")
+        src_ids = self.tokenizers.encode_src([sentence])[0][: self.max_positions - 1]
+        if translation is None:
+            out_ids = self.translate_ids([src_ids], beam_size, length_penalty)[0]
+        else:
+            out_ids = self.tokenizers.encode_tgt([translation])[0]
+            if len(out_ids) + 1 > self.max_positions:
+                raise TinytError(f"the translation has {len(out_ids)} tokens; the model reads "
+                                 f"at most {self.max_positions - 1}")
+        src = torch.tensor([src_ids + [EOS_ID]], device=self.device)
+        tgt_in = torch.tensor([[BOS_ID] + out_ids], device=self.device)
+        with autocast(self.device, self.score_amp_dtype):
+            maps = self.model.attention_maps(src, tgt_in)
+        return Attention(src_ids, out_ids,
+                         {name: [m[0].float().cpu() for m in layers]
+                          for name, layers in maps.items()})
 
     @torch.no_grad()
     def translate_ids(self, src_ids: list[list[int]], beam_size: int | None = None,
