@@ -4,6 +4,12 @@ copied into pytest's tmp folders, and a tiny, fast training config."""
 from __future__ import annotations
 
 import gzip
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +193,65 @@ def overfit_run():
     """`overfit_run(data_dir, run_dir, d_model, layers, steps) -> run_dir`: see
     `train_overfit_run`, for module-scoped fixtures of a small trained model."""
     return train_overfit_run
+
+
+# -- a served model (tinyt serve) ---------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def served_run(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model (d_model 48, 2+2 layers, 2 heads) trained once for every server test:
+    120 updates over the small corpus, enough to translate its captions recognisably."""
+    data = make_small_corpus(corpus_dir, tmp_path_factory.mktemp("served-corpus"))
+    return train_overfit_run(data, tmp_path_factory.mktemp("served") / "run", 48, 2, 120)
+
+
+class ServerProcess:
+    """A `tinyt serve` child process; its stdout and stderr go to a file (a pipe nobody reads
+    could fill up and block it)."""
+
+    def __init__(self, process: subprocess.Popen, log: Path):
+        self.process = process
+        self.log = log
+        self.url = ""
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        """Send `sig` and wait for the process to end; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def start_server(*args: str, log_dir: Path, env: dict[str, str] | None = None,
+                 wait: bool = True) -> ServerProcess:
+    """Start `tinyt serve --port 0 ARGS` and, with `wait`, return once it prints the address
+    it listens on (`ServerProcess.url`); if it exits first, fail with its output."""
+    log = log_dir / f"serve-{len(list(log_dir.glob('serve-*.log')))}.log"
+    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tinyt", "serve", "--port", "0", *args],
+                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=full_env, cwd=REPO_ROOT)
+    server = ServerProcess(process, log)
+    if not wait:
+        return server
+    deadline = time.monotonic() + 300  # a fail-safe against a hung start, not a speed check
+    while time.monotonic() < deadline:
+        match = re.search(r"open (http://\S+?)/ in a browser", server.output())
+        if match:
+            server.url = match.group(1)
+            return server
+        if process.poll() is not None:
+            raise AssertionError(f"tinyt serve exited with {process.returncode}:\n"
+                                 f"{server.output()}")
+        time.sleep(0.05)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"tinyt serve did not start:\n{server.output()}")
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+    """`start_server(*args, log_dir=..., env=None, wait=True) -> ServerProcess`."""
+    return start_server

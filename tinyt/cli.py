@@ -726,6 +726,9 @@ def serve(
                                    help="Characters of text one request may carry."),
     batch_limit: int = typer.Option(128, "--batch-limit", min=1,
                                     help="Lines (sentences) one request may carry."),
+    max_beam: int = typer.Option(16, "--max-beam", min=1, max=MAX_BEAM_SIZE,
+                                 help="The largest beam (alternatives + 1) a request may ask "
+                                      "for."),
     request_timeout: float = typer.Option(60.0, "--request-timeout", min=0.001,
                                           help="Seconds one translation may take, queue "
                                                "included."),
@@ -753,7 +756,7 @@ def serve(
     if not runs and not model_files:
         runs = [_find_run(None)]
     keys = _read_api_keys(api_keys) if api_keys is not None else frozenset()
-    settings = ServeSettings(char_limit=char_limit, batch_limit=batch_limit,
+    settings = ServeSettings(char_limit=char_limit, batch_limit=batch_limit, max_beam=max_beam,
                              request_timeout=request_timeout, api_keys=keys,
                              batch_tokens=batch_tokens, max_wait_ms=max_wait_ms)
     resolved = _device(device)
@@ -767,7 +770,11 @@ def serve(
                        f"{loaded.kind})", err=True)
         typer.echo(f"open {url}/ in a browser (API: {url}/docs); Ctrl-C stops", err=True)
 
-    stats = run_server(models, host, port, settings, on_ready=ready)
+    def stopping(sentences: int) -> None:
+        typer.echo(f"stopping: no new connections; answering the requests in flight "
+                   f"({sentences} sentences queued or decoding)", err=True)
+
+    stats = run_server(models, host, port, settings, on_ready=ready, on_stop=stopping)
     answered = sum(s["requests"] for s in stats.values())
     sentences = sum(s["sentences"] for s in stats.values())
     typer.echo(f"stopped: answered {answered} translation requests ({sentences} sentences)",

@@ -72,13 +72,15 @@ LANGUAGE_NAMES = {
 @dataclass(frozen=True)
 class ServeSettings:
     """Limits and batching of a server. char_limit: characters of text a request may carry
-    (all of q); batch_limit: lines (sentences) a request may carry; request_timeout: seconds a
+    (all of q); batch_limit: lines (sentences) a request may carry; max_beam: the largest beam
+    (and so hypotheses, alternatives + 1) a request may ask for; request_timeout: seconds a
     translation may take, queueing included; body_limit: bytes of a request body;
     api_keys: keys a request must carry (none: no key needed); batch_tokens / max_wait_ms /
     max_queued: the DynamicBatcher's bounds."""
 
     char_limit: int = 5000
     batch_limit: int = 128
+    max_beam: int = 16
     request_timeout: float = 60.0
     body_limit: int = 1 << 20
     api_keys: frozenset[str] = frozenset()
@@ -123,7 +125,6 @@ class ServedModel:
             "step": (self.loaded.payload.get("progress") or {}).get("step"),
             "beam_size": config.decoding.beam_size,
             "length_penalty": config.decoding.length_penalty,
-            "max_beam_size": MAX_BEAM_SIZE,
             "attention": attention,
             "layers": config.model.dec_layers if attention else 0,
             "heads": config.model.n_heads if attention else 0,
@@ -268,6 +269,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = {404: f"{request.url.path} does not exist; see /docs for the API",
                    405: f"{request.method} is not allowed on {request.url.path}; see /docs"
                    }.get(exc.status_code, str(exc.detail))
+        if exc.status_code == 400 and "parsing the body" in message:  # FastAPI's own words
+            message = "the body cannot be read as JSON in UTF-8; send a JSON object"
         return JSONResponse({"error": message}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -423,14 +426,15 @@ async def _translate_lines(model: ServedModel, settings: ServeSettings, lines: l
     return out
 
 
-def _search_settings(model: ServedModel, beam: int | None, nbest: int,
-                     length_penalty: float | None) -> SearchSettings:
+def _search_settings(model: ServedModel, settings: ServeSettings, beam: int | None,
+                     nbest: int, length_penalty: float | None) -> SearchSettings:
+    """The search a request asks for: its beam (default the model's, grown to `nbest`), within
+    the server's --max-beam."""
     decoding = model.loaded.config.decoding
-    beam = decoding.beam_size if beam is None else beam
-    if nbest > MAX_BEAM_SIZE:
-        raise ApiError(400, f"Invalid request: {nbest} hypotheses need a beam of {nbest}, over "
-                            f"the largest ({MAX_BEAM_SIZE}); ask for fewer")
-    beam = max(beam, nbest)
+    beam = max(decoding.beam_size if beam is None else beam, nbest)
+    if beam > settings.max_beam:
+        raise ApiError(400, f"Invalid request: a beam of {beam} ({nbest} hypotheses) is over "
+                            f"this server's limit of {settings.max_beam}; ask for fewer")
     penalty = decoding.length_penalty if length_penalty is None else length_penalty
     if not math.isfinite(penalty):
         raise ApiError(400, "Invalid request: length_penalty must be a finite number")
@@ -521,9 +525,9 @@ def _add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Serve
         except (TypeError, ValueError, OverflowError):
             raise ApiError(400, "Invalid request: alternatives parameter is not a number") \
                 from None
-        if alternatives + 1 > MAX_BEAM_SIZE:
+        if alternatives + 1 > settings.max_beam:
             raise ApiError(400, f"Invalid request: alternatives parameter must be <= "
-                                f"{MAX_BEAM_SIZE - 1}")
+                                f"{settings.max_beam - 1}")
         lines = _lines(texts)
         _check_limits(settings, texts, lines)
         detected = None
@@ -531,7 +535,7 @@ def _add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Serve
             source, confidence = _detect(app, served, "\n".join(texts), target)
             detected = {"confidence": confidence, "language": source}
         model = _model_for(served, source, target)
-        search = _search_settings(model, None, alternatives + 1, None)
+        search = _search_settings(model, settings, None, alternatives + 1, None)
         results = await _translate_lines(model, settings, lines, search)
         translated, alternates = [], []
         for text_hyps in results:
@@ -574,8 +578,10 @@ def _add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Serve
                              "target": {"code": target, "name": language_name(target)}}}
 
     @app.get("/health", tags=["LibreTranslate"], summary="Whether the server is up")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """LibreTranslate's {"status": "ok"}, and the sentences waiting or being decoded."""
+        return {"status": "ok",
+                "queued_sentences": sum(m.batcher.queued_sentences for m in served.values())}
 
 
 def _rank_languages(app: FastAPI, served: dict[tuple[str, str], ServedModel], text: str
@@ -627,6 +633,7 @@ def _add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
         return {"models": [m.describe() for m in served.values()],
                 "limits": {"char_limit": settings.char_limit,
                            "batch_limit": settings.batch_limit,
+                           "max_beam": settings.max_beam,
                            "request_timeout": settings.request_timeout,
                            "api_key_required": bool(settings.api_keys)}}
 
@@ -642,7 +649,8 @@ def _add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
         texts, _ = _texts(body.q)
         lines = _lines(texts)
         _check_limits(settings, texts, lines)
-        search = _search_settings(model, body.beam, body.nbest, body.length_penalty)
+        search = _search_settings(model, settings, body.beam, body.nbest,
+                                  body.length_penalty)
         results = await _translate_lines(model, settings, lines, search)
         out = []
         for text_hyps in results:
@@ -711,7 +719,7 @@ def _add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
                                 "run or bundle it was made from to see them")
         if not body.q.strip():
             raise ApiError(400, "Invalid request: q is empty; send a sentence")
-        search = _search_settings(model, body.beam, 1, body.length_penalty)
+        search = _search_settings(model, settings, body.beam, 1, body.length_penalty)
         translator = model.loaded.translator
         try:
             maps = await asyncio.wait_for(
@@ -770,11 +778,12 @@ def _add_page(app: FastAPI) -> None:
 # -- running --------------------------------------------------------------------------------------
 
 def serve(models: Sequence[LoadedModel], host: str = "127.0.0.1", port: int = 5000,
-          settings: ServeSettings = ServeSettings(), on_ready=None
+          settings: ServeSettings = ServeSettings(), on_ready=None, on_stop=None
           ) -> dict[str, dict[str, int]]:
     """Serve `models` on host:port until SIGTERM or Ctrl-C, then drain: requests in flight are
     answered, new connections refused. Returns the requests and sentences answered per model
-    id. `on_ready(url)` is called once the server accepts connections."""
+    id. `on_ready(url)` is called once the server accepts connections, `on_stop(sentences)`
+    when a signal stops it, with the sentences still queued or being decoded."""
     import signal
 
     import uvicorn
@@ -791,6 +800,11 @@ def serve(models: Sequence[LoadedModel], host: str = "127.0.0.1", port: int = 50
             await super().startup(sockets)
             if self.started and on_ready is not None:
                 on_ready(url)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit and on_stop is not None:
+                on_stop(sum(m.batcher.queued_sentences for m in app.state.served.values()))
+            super().handle_exit(sig, frame)
 
     stops: list[int] = []
     # uvicorn re-raises the signal that stopped it once it has drained, with the handlers it
