@@ -750,7 +750,13 @@ def serve(
     Example (two language pairs): tinyt serve --run runs/de_en --model en_de-ct2 --port 8080
     """
     from tinyt.loading import load_model
-    from tinyt.server import ServeSettings, serve as run_server
+
+    try:
+        from tinyt.server import ServeSettings
+        from tinyt.server import serve as run_server
+    except ImportError as exc:  # the serve extra is not installed
+        raise TinytError(f"tinyt serve needs {exc.name or 'FastAPI and uvicorn'}: pip install "
+                         "'tinyt[serve]'") from None
 
     runs, model_files = list(run or []), list(model_file or [])
     if not runs and not model_files:
