@@ -239,6 +239,20 @@ def test_hostile_requests_are_refused_with_a_message(client, path, kind, body, s
     assert client.get("/health").json()["status"] == "ok"  # still serving
 
 
+@pytest.mark.parametrize("path", ["/translate", "/api/translate", "/api/score",
+                                  "/api/attention"])
+def test_a_lone_surrogate_is_read_as_a_replacement_character(client, loaded, path):
+    """JSON's \\uD800 escape carries a lone surrogate, which no encoder takes: it is read as
+    U+FFFD, as undecodable bytes are elsewhere, not a 500."""
+    raw = b'{"q": "Ein \\ud800 Hund.", "source": "de", "target": "en"'
+    raw += b', "translation": "A \\udfff dog."}' if path == "/api/score" else b"}"
+    response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    if path == "/translate":
+        expected = loaded.translator.translate(["Ein \ufffd Hund."])[0]
+        assert response.json()["translatedText"] == expected
+
+
 def test_wrong_method_is_405_with_a_message(client):
     response = client.get("/translate")
     assert response.status_code == 405 and "not allowed" in response.json()["error"]

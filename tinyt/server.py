@@ -48,7 +48,7 @@ from tinyt.config import MAX_BEAM_SIZE
 from tinyt.errors import TinytError
 from tinyt.loading import LoadedModel
 from tinyt.tokenizer import EOS_ID
-from tinyt.translation import Attention
+from tinyt.translation import Attention, encodable
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -378,10 +378,11 @@ def _model_for(served: dict[tuple[str, str], ServedModel], source: str, target: 
 def _texts(q: Any, name: str = "q") -> tuple[list[str], bool]:
     """(texts, whether q was a list) of a q value that must be a string or a list of them."""
     if isinstance(q, str):
-        return [q], False
+        return [encodable(q)], False
     if isinstance(q, list) and all(isinstance(t, str) for t in q):
-        return list(q), True
+        return [encodable(t) for t in q], True
     raise ApiError(400, f"Invalid request: {name} must be a string or a list of strings")
+
 
 
 def _lines(texts: list[str]) -> list[list[str]]:
@@ -428,13 +429,15 @@ async def _translate_lines(model: ServedModel, settings: ServeSettings, lines: l
 
 def _search_settings(model: ServedModel, settings: ServeSettings, beam: int | None,
                      nbest: int, length_penalty: float | None) -> SearchSettings:
-    """The search a request asks for: its beam (default the model's, grown to `nbest`), within
-    the server's --max-beam."""
+    """The search a request asks for: its beam (default the model's), grown to `nbest`. What a
+    request asks for must be within the server's --max-beam; the model's own beam is used as
+    it is."""
     decoding = model.loaded.config.decoding
-    beam = max(decoding.beam_size if beam is None else beam, nbest)
-    if beam > settings.max_beam:
-        raise ApiError(400, f"Invalid request: a beam of {beam} ({nbest} hypotheses) is over "
+    asked = max(beam or 0, nbest)
+    if asked > settings.max_beam:
+        raise ApiError(400, f"Invalid request: a beam of {asked} ({nbest} hypotheses) is over "
                             f"this server's limit of {settings.max_beam}; ask for fewer")
+    beam = max(decoding.beam_size if beam is None else beam, nbest)
     penalty = decoding.length_penalty if length_penalty is None else length_penalty
     if not math.isfinite(penalty):
         raise ApiError(400, "Invalid request: length_penalty must be a finite number")
@@ -725,8 +728,9 @@ def _add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
             maps = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
                     model.batcher.thread, lambda: translator.attention(
-                        body.q.replace("\n", " "), body.translation, search.beam,
-                        search.length_penalty)),
+                        encodable(body.q.replace("\n", " ")),
+                        None if body.translation is None else encodable(body.translation),
+                        search.beam, search.length_penalty)),
                 settings.request_timeout)
         except asyncio.TimeoutError:
             raise ApiError(408, "the attention took longer than the server's limit of "
