@@ -306,8 +306,30 @@ def test_several_models_one_per_language_pair(loaded, reverse_run):
     assert to_german.json()["translatedText"] == other.translator.translate(["A dog."])[0]
     assert to_english.json()["translatedText"] == loaded.translator.translate(SENTENCES[:1])[0]
     assert unsupported.status_code == 400 and "not available" in unsupported.json()["error"]
+    with TestClient(create_app([loaded, other])) as both:
+        german = both.post("/detect", json={"q": "Ein Hund läuft über die Wiese."}).json()
+        english = both.post("/detect", json={"q": "A dog runs across the meadow."}).json()
+        auto = both.post("/translate", json={"q": "Ein Hund läuft über die Wiese.",
+                                             "source": "auto", "target": "en"}).json()
+    assert german[0]["language"] == "de" and german[0]["confidence"] > 50
+    assert english[0]["language"] == "en" and english[0]["confidence"] > 50
+    assert sum(d["confidence"] for d in german) == pytest.approx(100, abs=0.1)
+    assert auto["detectedLanguage"]["language"] == "de"
     with pytest.raises(TinytError, match="one model per language pair"):
         create_app([loaded, load_model([loaded.run], device="cpu")])
+
+
+def test_a_bundle_is_served_with_its_attention(served_run, loaded, tmp_path):
+    from tinyt.bundle import export_bundle
+
+    bundle = load_model([], [export_bundle(served_run, tmp_path / "model.tinyt")], device="cpu")
+    with TestClient(create_app([bundle])) as served:
+        translated = served.post("/translate", json={"q": SENTENCES, "source": "de",
+                                                     "target": "en"}).json()
+        attention = served.post("/api/attention", json={"q": SENTENCES[0], "source": "de",
+                                                        "target": "en"})
+    assert translated["translatedText"] == loaded.translator.translate(SENTENCES)
+    assert attention.status_code == 200 and attention.json()["layers"] == 2
 
 
 def test_a_ctranslate2_int8_export_is_served(served_run, tmp_path):
