@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from tinyt.config import config_from_dict
 from tinyt.errors import TinytError
 from tinyt.loading import load_model
-from tinyt.server import ServeSettings, create_app
+from tinyt.server import create_app
+from tinyt.serving import ServeSettings
 from tinyt.training import train
 
 SENTENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest."]

@@ -752,8 +752,8 @@ def serve(
     from tinyt.loading import load_model
 
     try:
-        from tinyt.server import ServeSettings
         from tinyt.server import serve as run_server
+        from tinyt.serving import ServeSettings
     except ImportError as exc:  # the serve extra is not installed
         raise TinytError(f"tinyt serve needs {exc.name or 'FastAPI and uvicorn'}: pip install "
                          "'tinyt[serve]'") from None

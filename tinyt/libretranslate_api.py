@@ -1,0 +1,229 @@
+"""LibreTranslate's HTTP API on a `tinyt serve` application, so that its clients and apps work
+unchanged: GET /languages, POST /translate, POST /detect, GET /frontend/settings, GET /health.
+
+LibreTranslate reads a request's fields from a JSON object, a URL-encoded or a multipart form,
+or the query string, and so does this. Its status codes are kept: 400 for a bad or missing
+value and for text over the limits, 403 for a wrong API key, 429 when the server is busy.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
+
+from tinyt.serving import (
+    ERRORS,
+    ApiError,
+    ServedModel,
+    ServeSettings,
+    Text,
+    check_key,
+    check_limits,
+    language_name,
+    lines_of,
+    model_for,
+    search_settings,
+    texts_of,
+    translate_lines,
+)
+
+
+class LibreTranslateRequest(BaseModel):
+    """POST /translate, as LibreTranslate takes it (JSON, or the same fields as a form)."""
+
+    q: Text = Field(description="Text to translate: a string, or a list of strings.")
+    source: str = Field(description="Source language code, or auto to detect it.")
+    target: str = Field(description="Target language code.")
+    format: Literal["text", "html"] = Field("text", description="Only text is translated.")
+    alternatives: int = Field(0, ge=0, description="How many alternative translations to add.")
+    api_key: str | None = Field(None, description="The API key, when the server has keys.")
+
+
+class DetectRequest(BaseModel):
+    q: str = Field(description="Text whose language to detect.")
+    api_key: str | None = None
+
+
+def _libretranslate_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """openapi_extra of a route that takes `schema` as JSON or as a form, as LibreTranslate's
+    routes do (the route parses the body itself)."""
+    form = {**schema, "properties": {
+        name: ({"type": "string"} if "anyOf" in prop or prop.get("type") == "array" else prop)
+        for name, prop in schema.get("properties", {}).items()}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema},
+        "application/x-www-form-urlencoded": {"schema": form}}}}
+
+
+async def _request_fields(request: Request) -> dict[str, Any]:
+    """The fields of a LibreTranslate request: a JSON object, a urlencoded or multipart form;
+    query parameters fill in what the body lacks (LibreTranslate reads both)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    fields: dict[str, Any] = {}
+    if ctype == "application/json" or (not ctype and body.lstrip()[:1] in (b"{", b"[")):
+        try:
+            value = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "Invalid JSON format: the body is not a JSON object in UTF-8")
+        if not isinstance(value, dict):
+            raise ApiError(400, "Invalid JSON format: send a JSON object with q, source and "
+                                "target")
+        fields = value
+    elif ctype == "multipart/form-data":
+        try:
+            form = await request.form()
+        except Exception:  # noqa: BLE001 - python-multipart's parse errors vary by version
+            raise ApiError(400, "Invalid request: the multipart form cannot be read") from None
+        for name, value in form.multi_items():
+            if not isinstance(value, str):
+                raise ApiError(400, f"Invalid request: {name} must be a text field, not a file")
+            fields.setdefault(name, value)
+    elif body:
+        try:
+            text = body.decode("utf-8")
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                              encoding="utf-8", errors="strict", max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "Invalid request: the form is not URL-encoded UTF-8 text") \
+                from None
+        for name, value in pairs:
+            fields.setdefault(name, value)
+    for name, value in request.query_params.multi_items():
+        fields.setdefault(name, value)
+    return fields
+
+
+def add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
+                               settings: ServeSettings) -> None:
+    @app.get("/languages", tags=["LibreTranslate"], summary="Languages and their targets")
+    async def languages() -> list[dict[str, Any]]:
+        targets: dict[str, list[str]] = {}
+        for source, target in sorted(served):
+            targets.setdefault(source, []).append(target)
+        return [{"code": source, "name": language_name(source), "targets": codes}
+                for source, codes in targets.items()]
+
+    @app.post("/translate", tags=["LibreTranslate"], summary="Translate text",
+              responses=ERRORS,
+              openapi_extra=_libretranslate_body(LibreTranslateRequest.model_json_schema()))
+    async def translate(request: Request) -> dict[str, Any]:
+        fields = await _request_fields(request)
+        check_key(settings, fields.get("api_key"))
+        for name in ("q", "source", "target"):
+            if fields.get(name) in (None, "", []):
+                raise ApiError(400, f"Invalid request: missing {name} parameter")
+        texts, is_list = texts_of(fields["q"])
+        source, target = fields["source"], fields["target"]
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise ApiError(400, "Invalid request: source and target must be language codes")
+        text_format = fields.get("format") or "text"
+        if text_format != "text":
+            raise ApiError(400, f"{text_format} format is not supported; send format=text "
+                                "(tinyt translates plain text)")
+        try:
+            alternatives = max(0, int(fields.get("alternatives") or 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ApiError(400, "Invalid request: alternatives parameter is not a number") \
+                from None
+        if alternatives + 1 > settings.max_beam:
+            raise ApiError(400, f"Invalid request: alternatives parameter must be <= "
+                                f"{settings.max_beam - 1}")
+        lines = lines_of(texts)
+        check_limits(settings, texts, lines)
+        detected = None
+        if source == "auto":
+            source, confidence = _detect(app, served, "\n".join(texts), target)
+            detected = {"confidence": confidence, "language": source}
+        model = model_for(served, source, target)
+        search = search_settings(model, settings, None, alternatives + 1, None)
+        results = await translate_lines(model, settings, lines, search)
+        translated, alternates = [], []
+        for text_hyps in results:
+            best = "\n".join(h[0][0] for h in text_hyps)
+            translated.append(best)
+            others = []
+            for rank in range(1, alternatives + 1):
+                joined = "\n".join(h[min(rank, len(h) - 1)][0] for h in text_hyps)
+                if joined != best and joined not in others:
+                    others.append(joined)
+            alternates.append(others)
+        response: dict[str, Any] = {"translatedText": translated if is_list else translated[0]}
+        if alternatives > 0:
+            response["alternatives"] = alternates if is_list else alternates[0]
+        if detected is not None:
+            response["detectedLanguage"] = [detected] * len(texts) if is_list else detected
+        return response
+
+    @app.post("/detect", tags=["LibreTranslate"], summary="Detect the language of text",
+              responses=ERRORS,
+              openapi_extra=_libretranslate_body(DetectRequest.model_json_schema()))
+    async def detect(request: Request) -> list[dict[str, Any]]:
+        fields = await _request_fields(request)
+        check_key(settings, fields.get("api_key"))
+        q = fields.get("q")
+        if q in (None, ""):
+            raise ApiError(400, "Invalid request: missing q parameter")
+        texts, _ = texts_of(q)
+        check_limits(settings, texts, lines_of(texts))
+        return [{"language": code, "confidence": confidence}
+                for code, confidence in _rank_languages(app, served, "\n".join(texts))]
+
+    @app.get("/frontend/settings", tags=["LibreTranslate"], summary="Front-end settings")
+    async def frontend_settings() -> dict[str, Any]:
+        source, target = sorted(served)[0]
+        return {"charLimit": settings.char_limit, "frontendTimeout": 500,
+                "apiKeys": bool(settings.api_keys), "keyRequired": bool(settings.api_keys),
+                "suggestions": False, "filesTranslation": False, "supportedFilesFormat": [],
+                "language": {"source": {"code": source, "name": language_name(source)},
+                             "target": {"code": target, "name": language_name(target)}}}
+
+    @app.get("/health", tags=["LibreTranslate"], summary="Whether the server is up")
+    async def health() -> dict[str, Any]:
+        """LibreTranslate's {"status": "ok"}, and the sentences waiting or being decoded."""
+        return {"status": "ok",
+                "queued_sentences": sum(m.batcher.queued_sentences for m in served.values())}
+
+
+def _rank_languages(app: FastAPI, served: dict[tuple[str, str], ServedModel], text: str
+                    ) -> list[tuple[str, float]]:
+    """The served source languages, likeliest first, with confidences in percent (py3langid,
+    which ships its model; restricted to the languages this server translates from)."""
+    sources = sorted({s for s, _ in served})
+    if len(sources) == 1:
+        return [(sources[0], 100.0)]
+    detector = app.state.detector
+    if detector is None:
+        try:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        except ImportError:
+            raise ApiError(400, "detecting the language needs py3langid on the server (pip "
+                                "install 'tinyt[serve]'); send the source language instead "
+                                "of auto") from None
+        detector = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        known = set(detector.nb_classes)
+        usable = [s for s in sources if s in known]
+        if not usable:
+            raise ApiError(400, f"the served source languages ({', '.join(sources)}) cannot be "
+                                "detected; send the source language instead of auto")
+        detector.set_languages(usable)
+        app.state.detector = detector
+    ranked = detector.rank(text)
+    return [(code, round(100 * float(p), 2)) for code, p in ranked]
+
+
+def _detect(app: FastAPI, served: dict[tuple[str, str], ServedModel], text: str, target: str
+            ) -> tuple[str, float]:
+    """(source language, confidence) for source=auto: the likeliest source that has a model
+    into `target`."""
+    into_target = {s for s, t in served if t == target}
+    if not into_target:
+        model_for(served, next(iter(served))[0], target)  # raises: an unknown target
+    for code, confidence in _rank_languages(app, served, text):
+        if code in into_target:
+            return code, confidence
+    return sorted(into_target)[0], 0.0

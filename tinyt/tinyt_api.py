@@ -1,0 +1,215 @@
+"""tinyt's own HTTP API on a `tinyt serve` application, documented by the OpenAPI schema FastAPI
+generates from it (/docs): GET /api/models, POST /api/translate (n-best with scores, beam and
+length penalty per request), POST /api/score (forced decoding) and POST /api/attention (a
+translation's cross-attention, every layer and head: what the web page draws).
+
+Bodies are JSON objects checked against the models below; one of the wrong shape is a 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from tinyt.config import MAX_BEAM_SIZE
+from tinyt.errors import TinytError
+from tinyt.loading import LoadedModel
+from tinyt.serving import (
+    ERRORS,
+    ApiError,
+    ServedModel,
+    ServeSettings,
+    Text,
+    check_key,
+    check_limits,
+    lines_of,
+    model_for,
+    search_settings,
+    texts_of,
+    translate_lines,
+)
+from tinyt.tokenizer import EOS_ID
+from tinyt.translation import Attention, encodable
+
+
+class TranslateRequest(BaseModel):
+    """POST /api/translate."""
+
+    model_config = ConfigDict(extra="forbid")
+    q: Text = Field(description="Text to translate: a string or a list; each line a sentence.")
+    source: str = Field(description="Source language code.")
+    target: str = Field(description="Target language code.")
+    beam: int | None = Field(None, ge=1, le=MAX_BEAM_SIZE,
+                             description="Beam size (1: greedy); default the model's.")
+    nbest: int = Field(1, ge=1, le=MAX_BEAM_SIZE,
+                       description="Hypotheses a line, best first; the beam grows to fit.")
+    length_penalty: float | None = Field(None, ge=0.0, le=10.0,
+                                         description="Score / length ** this; default the "
+                                                     "model's.")
+    api_key: str | None = None
+
+
+class ScoreRequest(BaseModel):
+    """POST /api/score: forced decoding of given translations."""
+
+    model_config = ConfigDict(extra="forbid")
+    q: Text = Field(description="Source sentences: a string or a list.")
+    translation: Text = Field(description="Their translations, one a source.")
+    source: str
+    target: str
+    tokens: bool = Field(False, description="Also give each token's piece and log-probability.")
+    api_key: str | None = None
+
+
+class AttentionRequest(BaseModel):
+    """POST /api/attention: the attention of one sentence's translation."""
+
+    model_config = ConfigDict(extra="forbid")
+    q: str = Field(description="One source sentence.")
+    source: str
+    target: str
+    translation: str | None = Field(None, description="The translation to look at (an "
+                                                      "alternative, say); default the best.")
+    beam: int | None = Field(None, ge=1, le=MAX_BEAM_SIZE)
+    length_penalty: float | None = Field(None, ge=0.0, le=10.0)
+    api_key: str | None = None
+
+
+def add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
+                      settings: ServeSettings) -> None:
+    @app.get("/api/models", tags=["tinyt"], summary="The models served")
+    async def models() -> dict[str, Any]:
+        return {"models": [m.describe() for m in served.values()],
+                "limits": {"char_limit": settings.char_limit,
+                           "batch_limit": settings.batch_limit,
+                           "max_beam": settings.max_beam,
+                           "request_timeout": settings.request_timeout,
+                           "api_key_required": bool(settings.api_keys)}}
+
+    @app.post("/api/translate", tags=["tinyt"], responses=ERRORS,
+              summary="Translate, with n-best hypotheses and their scores")
+    async def translate(body: TranslateRequest) -> dict[str, Any]:
+        """Each line of each text is translated; a result per text holds `nbest` hypotheses
+        (fewer when the search finished fewer), best first, each with its score: the
+        log-probability (with <eos>) / length ** length_penalty that beam search ranks by.
+        For several lines, a hypothesis joins the lines' hypotheses of that rank."""
+        check_key(settings, body.api_key)
+        model = model_for(served, body.source, body.target)
+        texts, _ = texts_of(body.q)
+        lines = lines_of(texts)
+        check_limits(settings, texts, lines)
+        search = search_settings(model, settings, body.beam, body.nbest,
+                                  body.length_penalty)
+        results = await translate_lines(model, settings, lines, search)
+        out = []
+        for text_hyps in results:
+            count = max(len(h) for h in text_hyps)
+            hypotheses = []
+            for rank in range(count):
+                picks = [h[min(rank, len(h) - 1)] for h in text_hyps]
+                hypotheses.append({"text": "\n".join(text for text, _ in picks),
+                                   "score": round(sum(score for _, score in picks), 6)})
+            out.append({"hypotheses": hypotheses})
+        return {"model": model.id, "beam": search.beam, "length_penalty": search.length_penalty,
+                "results": out}
+
+    @app.post("/api/score", tags=["tinyt"], responses=ERRORS,
+              summary="Forced decoding: the log-probability of given translations")
+    async def score(body: ScoreRequest) -> dict[str, Any]:
+        """For each (q, translation) pair: the sum of the teacher-forced log-probabilities of
+        the translation's tokens and <eos>, that sum per token, and the token count (<eos>
+        included); with `tokens`, each token's piece and log-probability."""
+        check_key(settings, body.api_key)
+        model = model_for(served, body.source, body.target)
+        sources, _ = texts_of(body.q)
+        targets, _ = texts_of(body.translation, "translation")
+        if len(sources) != len(targets):
+            raise ApiError(400, f"{len(sources)} texts in q but {len(targets)} in translation; "
+                                "give one translation a text")
+        check_limits(settings, sources + targets, lines_of(sources + targets))
+        translator = model.loaded.translator
+        try:
+            scored = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    model.batcher.thread, translator.score, sources, targets),
+                settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"scoring took longer than the server's limit of "
+                                f"{settings.request_timeout:g} s; send less text") from None
+        except TinytError as exc:
+            raise ApiError(400, str(exc)) from None
+        results = []
+        for ids, logps in scored:
+            total = sum(logps)
+            result: dict[str, Any] = {"logprob": round(total, 6),
+                                      "per_token_logprob": round(total / len(logps), 6),
+                                      "tokens": len(logps)}
+            if body.tokens:
+                pieces = [model.loaded.tokenizers.tgt.id_to_piece(i) for i in ids + [EOS_ID]]
+                result["pieces"] = pieces
+                result["token_logprobs"] = [round(x, 6) for x in logps]
+            results.append(result)
+        return {"model": model.id, "results": results}
+
+    @app.post("/api/attention", tags=["tinyt"], responses=ERRORS,
+              summary="Cross-attention of a translation, every decoder layer and head")
+    async def attention(body: AttentionRequest) -> dict[str, Any]:
+        """The translation (the given one, else the search's best) is run through the model
+        teacher-forced. `cross[layer][head][i][j]` is how much target piece i (`target_pieces`,
+        <eos> last) attended to source piece j (`source_pieces`, <eos> last); each row sums to
+        1. `source_words[j]` / `target_words[i]` number the word each piece belongs to."""
+        check_key(settings, body.api_key)
+        model = model_for(served, body.source, body.target)
+        check_limits(settings, [body.q] + ([body.translation] if body.translation else []),
+                      [[body.q]])
+        if not model.describe()["attention"]:
+            raise ApiError(400, f"attention weights come from tinyt's own model; the {model.id} "
+                                f"model is served by {model.describe()['engine']}: serve the "
+                                "run or bundle it was made from to see them")
+        if not body.q.strip():
+            raise ApiError(400, "Invalid request: q is empty; send a sentence")
+        search = search_settings(model, settings, body.beam, 1, body.length_penalty)
+        translator = model.loaded.translator
+        try:
+            maps = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    model.batcher.thread, lambda: translator.attention(
+                        encodable(body.q.replace("\n", " ")),
+                        None if body.translation is None else encodable(body.translation),
+                        search.beam, search.length_penalty)),
+                settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "the attention took longer than the server's limit of "
+                                f"{settings.request_timeout:g} s") from None
+        except TinytError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"model": model.id, **_attention_json(model.loaded, maps)}
+
+
+def _attention_json(loaded: LoadedModel, seen: Attention) -> dict[str, Any]:
+    """`Translator.attention`'s result for the page: pieces, the word each piece starts or
+    continues (SentencePiece marks a word's first piece with ▁), cross-attention rounded to
+    4 decimals (rows still sum to 1 within 5e-4)."""
+    tokenizers = loaded.tokenizers
+    source = [tokenizers.src.id_to_piece(i) for i in seen.source_ids + [EOS_ID]]
+    target = [tokenizers.tgt.id_to_piece(i) for i in seen.target_ids + [EOS_ID]]
+    cross = [[[[round(float(p), 4) for p in row] for row in head] for head in layer.tolist()]
+             for layer in seen.maps["cross"]]
+    return {"translation": tokenizers.decode_tgt([seen.target_ids])[0],
+            "source_pieces": source, "target_pieces": target,
+            "source_words": _word_numbers(source), "target_words": _word_numbers(target),
+            "layers": len(cross), "heads": len(cross[0]) if cross else 0, "cross": cross}
+
+
+def _word_numbers(pieces: list[str]) -> list[int]:
+    """The word number of each piece: a piece starting with ▁ (or the first, or <eos>) begins
+    a new word."""
+    numbers, word = [], -1
+    for i, piece in enumerate(pieces):
+        if i == 0 or piece.startswith("\u2581") or piece == "</s>" or (i == len(pieces) - 1):
+            word += 1
+        numbers.append(word)
+    return numbers
