@@ -774,6 +774,9 @@ def serve(
             config = loaded.config
             typer.echo(f"serving {config.data.src_lang}->{config.data.tgt_lang} ({loaded.name}, "
                        f"{loaded.kind})", err=True)
+        if host in ("0.0.0.0", "::"):
+            typer.echo(f"listening on every interface ({host}): other machines can connect",
+                       err=True)
         typer.echo(f"open {url}/ in a browser (API: {url}/docs); Ctrl-C stops", err=True)
 
     def stopping(sentences: int) -> None:

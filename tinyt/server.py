@@ -214,7 +214,9 @@ def serve(models: Sequence[LoadedModel], host: str = "127.0.0.1", port: int = 50
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.request_timeout + 5)
     bound_host, bound_port = sock.getsockname()[:2]
-    url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    # Listening on every interface, the page is still opened through this machine's loopback.
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound_host, bound_host)
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{bound_port}"
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
