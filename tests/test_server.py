@@ -218,6 +218,8 @@ HOSTILE = [
     ("/api/score", "json", {"q": "a", "translation": "b " * 200, "source": "de",
                             "target": "en"}, 400, "text limit"),
     ("/api/attention", "json", {"q": "  ", "source": "de", "target": "en"}, 400, "empty"),
+    ("/api/attention", "json", {"q": "Ein Hund.\nEine Katze.", "source": "de", "target": "en"},
+     400, "one line"),
     ("/api/attention", "json", {"q": "Ein Hund.", "source": "de", "target": "en",
                                 "translation": "a " * 140}, 400, "tokens"),
     ("/nowhere", "json", {}, 404, "does not exist"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 from tinyt.batching import DynamicBatcher, Hypotheses, SearchSettings, ServerBusy
@@ -88,7 +89,8 @@ class ServedModel:
             "source_name": language_name(self.source), "target_name": language_name(self.target),
             "engine": {"run": "tinyt", "bundle": "tinyt", "ensemble": "tinyt ensemble",
                        "ctranslate2": "ctranslate2"}[self.loaded.kind],
-            "path": self.loaded.name,
+            # The folder or file name only: a client has no business with the server's paths.
+            "path": " + ".join(Path(part).name for part in self.loaded.name.split(" + ")),
             "step": (self.loaded.payload.get("progress") or {}).get("step"),
             "beam_size": config.decoding.beam_size,
             "length_penalty": config.decoding.length_penalty,
@@ -202,7 +204,7 @@ def search_settings(model: ServedModel, settings: ServeSettings, beam: int | Non
     it is."""
     decoding = model.loaded.config.decoding
     asked = max(beam or 0, nbest)
-    if asked > settings.max_beam:
+    if asked > settings.max_beam and asked != decoding.beam_size:
         raise ApiError(400, f"Invalid request: a beam of {asked} ({nbest} hypotheses) is over "
                             f"this server's limit of {settings.max_beam}; ask for fewer")
     beam = max(decoding.beam_size if beam is None else beam, nbest)

@@ -163,12 +163,15 @@ def add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
         1. `source_words[j]` / `target_words[i]` number the word each piece belongs to."""
         check_key(settings, body.api_key)
         model = model_for(served, body.source, body.target)
-        check_limits(settings, [body.q] + ([body.translation] if body.translation else []),
-                      [[body.q]])
+        given = [] if body.translation is None else [body.translation]
+        check_limits(settings, [body.q] + given, [[body.q]])
         if not model.describe()["attention"]:
             raise ApiError(400, f"attention weights come from tinyt's own model; the {model.id} "
                                 f"model is served by {model.describe()['engine']}: serve the "
                                 "run or bundle it was made from to see them")
+        if "\n" in body.q.strip() or "\r" in body.q.strip():
+            raise ApiError(400, "Invalid request: q holds several lines; the attention is of "
+                                "one sentence: send one line")
         if not body.q.strip():
             raise ApiError(400, "Invalid request: q is empty; send a sentence")
         search = search_settings(model, settings, body.beam, 1, body.length_penalty)
@@ -177,7 +180,7 @@ def add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
             maps = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
                     model.batcher.thread, lambda: translator.attention(
-                        encodable(body.q.replace("\n", " ")),
+                        encodable(body.q.strip()),
                         None if body.translation is None else encodable(body.translation),
                         search.beam, search.length_penalty)),
                 settings.request_timeout)

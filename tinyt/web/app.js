@@ -148,7 +148,7 @@
     // The largest beam a request may ask for: the server's --max-beam (older servers: the
     // model's own bound); the beam grows to the number of alternatives asked for.
     const maxBeam = state.limits.max_beam || model.max_beam_size || 100;
-    el.beam.max = maxBeam;
+    el.beam.max = Math.max(maxBeam, model.beam_size);  // the model's own beam is always allowed
     el.beam.value = model.beam_size;
     el.beam.placeholder = String(model.beam_size);
     el.nbest.max = Math.min(MAX_NBEST, maxBeam);
@@ -194,7 +194,11 @@
 
   function requestSettings() {
     const body = { nbest: el.nbest.value === "" ? 1 : Number(el.nbest.value) };
-    if (el.beam.value !== "") body.beam = Number(el.beam.value);
+    // the model's own beam is left to the server (it may be over --max-beam, which bounds
+    // only what requests ask for)
+    if (el.beam.value !== "" && Number(el.beam.value) !== state.model.beam_size) {
+      body.beam = Number(el.beam.value);
+    }
     if (el.lp.value !== "") body.length_penalty = Number(el.lp.value);
     if (state.limits.api_key_required) body.api_key = el.apiKey.value;
     return body;
@@ -705,6 +709,11 @@
   el.heatmap.addEventListener("mouseover", (event) => highlight(event.target.closest("td")));
   el.heatmap.addEventListener("mouseleave", () => highlight(null));
 
+  // Cmd+Enter on a Mac
+  if (/Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent)) {
+    const key = document.querySelector("#source-hint kbd");
+    if (key) key.textContent = "\u2318";
+  }
   clearResult();
   loadModels();
 })();
