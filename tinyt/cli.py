@@ -355,8 +355,6 @@ def _load_for_command(runs: Optional[List[Path]], model_files: Optional[List[Pat
     runs, model_files = list(runs or []), list(model_files or [])
     if not model_files and len(runs) <= 1:
         runs = [_find_run(runs[0] if runs else None)]
-    elif model_files and len(runs) == 1 and len(model_files) == 1 and model_files[0].is_dir():
-        raise TinytError("pass either a run directory (--run) or a model (--model), not both")
     return load_model(runs, model_files, checkpoint, overrides or [], _device(device))
 
 
