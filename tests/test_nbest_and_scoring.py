@@ -224,8 +224,9 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def test_score_is_the_teacher_forced_log_probability(trained, pairs, tmp_path):
     src, tgt = pairs[0][:20] + [pairs[0][20]], pairs[1][:20] + [""]  # an empty target
     source, target = write_lines(tmp_path / "s.de", src), write_lines(tmp_path / "t.en", tgt)
+    # float32 scores, as the reference's: on a CPU with native bf16, amp "auto" scores in bf16.
     result = invoke("score", "--run", trained, "--device", "cpu", "-s", source, "-t", target,
-                    "--tokens")
+                    "--tokens", "--set", "train.amp=none")
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in result.stdout.splitlines()]
     assert len(rows) == len(src)
@@ -243,7 +244,8 @@ def test_score_is_the_teacher_forced_log_probability(trained, pairs, tmp_path):
     assert rows[-1][4] == tokenizers.tgt.id_to_piece(EOS_ID)  # the empty target: <eos> alone
 
     out = tmp_path / "scores.tsv"
-    result = invoke("score", "--run", trained, "-s", source, "-t", target, "-o", out)
+    result = invoke("score", "--run", trained, "-s", source, "-t", target, "-o", out,
+                    "--set", "train.amp=none")
     assert result.exit_code == 0, result.output
     assert [line.split("\t") for line in out.read_text().splitlines()] == [r[:3] for r in rows]
 
@@ -255,7 +257,8 @@ def test_score_with_a_ctranslate2_export_is_ctranslate2s(trained, exported, pair
     source, target = write_lines(tmp_path / "s.de", src), write_lines(tmp_path / "t.en", tgt)
     result = invoke("score", "--model", exported, "--device", "cpu", "-s", source, "-t", target)
     assert result.exit_code == 0, result.output
-    ours = invoke("score", "--run", trained, "--device", "cpu", "-s", source, "-t", target)
+    ours = invoke("score", "--run", trained, "--device", "cpu", "-s", source, "-t", target,
+                  "--set", "train.amp=none")  # float32, as the export's (not bf16 autocast)
     translator = CTranslate2Translator(exported)
     tokenizers = translator.tokenizers
     expected = translator.token_log_probs(tokenizers.encode_src(src), tokenizers.encode_tgt(tgt))

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,12 +35,15 @@ def test_serve_benchmark_quick_run(served_run: Path, corpus_dir: Path, tmp_path:
     assert file["cli_sentences_per_s"] > 0 and file["decode_sentences_per_s"] > 0
     assert file["cli_wall_s"] > file["decode_s"] > 0  # the program also starts and loads
     assert file["api_differs_from_cli"] == 0
+    assert file["in_batches_of"]["4"]["sentences_per_s"] > 0  # the server's batch size, offline
     alone = engine["alone"]
     assert alone["sentences"] == 10
     assert 0 < alone["p50_ms"] <= alone["p99_ms"] <= alone["max_ms"]
 
-    # The server, level by level: everything answered, 200, as the file translated it.
-    assert [level["clients"] for level in engine["levels"]] == [1, 4]
+    # The server, level by level (the last repeated, for RSS): everything answered, 200, as
+    # the file translated it.
+    assert [(level["clients"], level["repeat"]) for level in engine["levels"]] == [
+        (1, False), (4, False), (4, True)]
     for level in engine["levels"]:
         assert level["requests"] == 40
         assert level["statuses"] == {"200": 40} and level["non_200"] == 0
@@ -62,6 +67,8 @@ def test_serve_benchmark_quick_run(served_run: Path, corpus_dir: Path, tmp_path:
 
     rss = engine["rss"]
     assert rss["start_mib"] > 0 and rss["end_mib"] > 0
+    assert rss["after_repeats_mib"] - rss["after_levels_mib"] == pytest.approx(
+        rss["repeat_growth_mib"], abs=0.2)
     assert rss["peak_during_load_mib"] >= rss["start_mib"]
     assert rss["process_peak_vmhwm_mib"] >= rss["peak_during_load_mib"]
     # Stopped with SIGTERM: a clean exit, having answered every translation request sent.

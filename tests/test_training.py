@@ -125,8 +125,10 @@ def test_accumulated_gradients_equal_one_big_batch(tmp_path, short_pairs):
 
     write_pairs(tmp_path, "train", short_pairs[:40])
     write_pairs(tmp_path, "val", short_pairs[40:45])
+    # float32: on a CPU with native bf16, amp "auto" trains in bf16, whose rounding differs
+    # between one batch of 40 pairs and two of 15 and 25 by more than the tolerances below.
     config = config_from_dict(tiny_config(tmp_path, tmp_path, warmup_steps=0, clip_norm=0.5,
-                                          label_smoothing=0.1))
+                                          label_smoothing=0.1, amp="none"))
     text = load_split(config.data, "train")
     tokenizers = train_or_load(config.tokenizer, text.src, text.tgt, tmp_path / "tok")
     data = tokenize(text, tokenizers)
