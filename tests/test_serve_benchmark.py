@@ -20,7 +20,7 @@ def test_serve_benchmark_quick_run(served_run: Path, corpus_dir: Path, tmp_path:
         [sys.executable, "scripts/serve_benchmark.py", "--run", str(served_run), "--quick",
          "--data-dir", str(corpus_dir), "--requests", "40", "--clients", "1,4",
          "--json", str(out), "--work-dir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads(out.read_text(encoding="utf-8"))
     assert numbers["machine"]["cores"] >= 1

@@ -750,6 +750,7 @@ def serve(
     from tinyt.loading import load_model
 
     try:
+        from tinyt.batching import decoding_thread
         from tinyt.server import serve as run_server
         from tinyt.serving import ServeSettings
     except ImportError as exc:  # the serve extra is not installed
@@ -764,8 +765,15 @@ def serve(
                              request_timeout=request_timeout, api_keys=keys,
                              batch_tokens=batch_tokens, max_wait_ms=max_wait_ms)
     resolved = _device(device)
-    models = [load_model([r], [], checkpoint, overrides or [], resolved) for r in runs]
-    models += [load_model([], [m], checkpoint, overrides or [], resolved) for m in model_files]
+    thread = decoding_thread()  # the models are loaded where they will decode (see its doc)
+    try:
+        models = [thread.submit(load_model, [r], [], checkpoint, overrides or [], resolved)
+                  .result() for r in runs]
+        models += [thread.submit(load_model, [], [m], checkpoint, overrides or [], resolved)
+                   .result() for m in model_files]
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
 
     def ready(url: str) -> None:
         for loaded in models:
@@ -781,7 +789,8 @@ def serve(
         typer.echo(f"stopping: no new connections; answering the requests in flight "
                    f"({sentences} sentences queued or decoding)", err=True)
 
-    stats = run_server(models, host, port, settings, on_ready=ready, on_stop=stopping)
+    stats = run_server(models, host, port, settings, on_ready=ready, on_stop=stopping,
+                       thread=thread)
     answered = sum(s["requests"] for s in stats.values())
     sentences = sum(s["sentences"] for s in stats.values())
     typer.echo(f"stopped: answered {answered} translation requests ({sentences} sentences)",

@@ -317,6 +317,7 @@ class CTranslate2Translator(Translator):
         # cores, 1.2x the sentences/s of one batch on 2 threads at beam 5), with as many
         # sentences in flight as tinyt's own search has (decoding.batch_size).
         threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        self.workers = threads
         self.batch_size = max(1, config.decoding.batch_size // threads)
         try:
             self.engine = ctranslate2.Translator(
@@ -420,8 +421,12 @@ class CTranslate2Translator(Translator):
         """CTranslate2's K best hypotheses as (pieces, score), best first, <eos> kept where
         there is one, for each source, searched as tinyt searches: <eos> counted in the length
         penalty, an empty output allowed, no input cut (tinyt cuts to its positions)."""
+        # A call with fewer sentences than the workers' batches add up to is split evenly over
+        # the workers, not given whole to one: on 2 cores, 32 sentences decode at 213 instead
+        # of 153 sentences/s (tinyt serve's batches are this size).
+        per_worker = max(1, min(self.batch_size, -(-len(src_ids) // self.workers)))
         outputs = self.engine.translate_batch(
-            self._pieces(src_ids), max_batch_size=self.batch_size, beam_size=beam,
+            self._pieces(src_ids), max_batch_size=per_worker, beam_size=beam,
             num_hypotheses=beam, length_penalty=penalty, return_end_token=True,
             max_decoding_length=limit, min_decoding_length=0, max_input_length=0,
             return_scores=True)

@@ -184,9 +184,13 @@ def add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Served
 
     @app.get("/health", tags=["LibreTranslate"], summary="Whether the server is up")
     async def health() -> dict[str, Any]:
-        """LibreTranslate's {"status": "ok"}, and the sentences waiting or being decoded."""
+        """LibreTranslate's {"status": "ok"}; the sentences waiting or being decoded; and for
+        each model, the batches decoded and the requests and sentences they held."""
         return {"status": "ok",
-                "queued_sentences": sum(m.batcher.queued_sentences for m in served.values())}
+                "queued_sentences": sum(m.batcher.queued_sentences for m in served.values()),
+                "batching": {m.id: {"batches": m.batcher.batches, "requests": m.batcher.requests,
+                                    "sentences": m.batcher.sentences}
+                             for m in served.values()}}
 
 
 def _rank_languages(app: FastAPI, served: dict[tuple[str, str], ServedModel], text: str

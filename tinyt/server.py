@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinyt.batching import DynamicBatcher
+from tinyt.batching import DynamicBatcher, decoding_thread
 from tinyt.errors import TinytError
 from tinyt.libretranslate_api import add_libretranslate_routes
 from tinyt.loading import LoadedModel
@@ -48,17 +49,20 @@ WEB_DIR = Path(__file__).parent / "web"
 
 # -- the application ------------------------------------------------------------------------------
 
-def create_app(models: Sequence[LoadedModel], settings: ServeSettings = ServeSettings()
-               ) -> FastAPI:
-    """The server's ASGI application for `models` (one per language pair, else TinytError)."""
+def create_app(models: Sequence[LoadedModel], settings: ServeSettings = ServeSettings(),
+               thread: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The server's ASGI application for `models` (one per language pair, else TinytError),
+    decoding in `thread` (see `tinyt.batching.decoding_thread`; default: one of its own)."""
     served: dict[tuple[str, str], ServedModel] = {}
     for loaded in models:
         pair = (loaded.config.data.src_lang, loaded.config.data.tgt_lang)
         if pair in served:
             raise TinytError(f"{served[pair].loaded.name} and {loaded.name} both translate "
                              f"{pair[0]}->{pair[1]}; serve one model per language pair")
+        if thread is None:
+            thread = decoding_thread()
         batcher = DynamicBatcher(loaded.translator, settings.batch_tokens,
-                                 settings.max_wait_ms / 1000, settings.max_queued)
+                                 settings.max_wait_ms / 1000, settings.max_queued, thread)
         served[pair] = ServedModel(loaded, batcher, *pair)
     if not served:
         raise TinytError("no model to serve; pass --run runs/NAME or --model FILE")
@@ -72,6 +76,7 @@ def create_app(models: Sequence[LoadedModel], settings: ServeSettings = ServeSet
         yield
         for model in served.values():  # in-flight requests are answered first
             await model.batcher.close()
+        thread.shutdown(wait=True)
 
     app = FastAPI(title="tinyt", version=_version(), lifespan=lifespan,
                   description="Translation with tinyt models: LibreTranslate's API and tinyt's "
@@ -199,17 +204,18 @@ def _add_page(app: FastAPI) -> None:
 # -- running --------------------------------------------------------------------------------------
 
 def serve(models: Sequence[LoadedModel], host: str = "127.0.0.1", port: int = 5000,
-          settings: ServeSettings = ServeSettings(), on_ready=None, on_stop=None
-          ) -> dict[str, dict[str, int]]:
+          settings: ServeSettings = ServeSettings(), on_ready=None, on_stop=None,
+          thread: ThreadPoolExecutor | None = None) -> dict[str, dict[str, int]]:
     """Serve `models` on host:port until SIGTERM or Ctrl-C, then drain: requests in flight are
     answered, new connections refused. Returns the requests and sentences answered per model
     id. `on_ready(url)` is called once the server accepts connections, `on_stop(sentences)`
-    when a signal stops it, with the sentences still queued or being decoded."""
+    when a signal stops it, with the sentences still queued or being decoded. `thread`: the
+    decoding thread the models were loaded in (`tinyt.batching.decoding_thread`)."""
     import signal
 
     import uvicorn
 
-    app = create_app(models, settings)
+    app = create_app(models, settings, thread)
     sock = _listen(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.request_timeout + 5)
