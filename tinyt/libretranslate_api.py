@@ -38,8 +38,10 @@ class LibreTranslateRequest(BaseModel):
     q: Text = Field(description="Text to translate: a string, or a list of strings.")
     source: str = Field(description="Source language code, or auto to detect it.")
     target: str = Field(description="Target language code.")
-    format: Literal["text", "html"] = Field("text", description="Only text is translated.")
-    alternatives: int = Field(0, ge=0, description="How many alternative translations to add.")
+    format: Literal["text"] = Field("text", description="text: tinyt translates plain text "
+                                                        "(html is refused).")
+    alternatives: int | None = Field(0, description="How many alternative translations to add "
+                                             "(below 0 counts as 0, as LibreTranslate has it).")
     api_key: str | None = Field(None, description="The API key, when the server has keys.")
 
 
@@ -126,7 +128,11 @@ def add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Served
             raise ApiError(400, f"{text_format} format is not supported; send format=text "
                                 "(tinyt translates plain text)")
         try:
-            alternatives = max(0, int(fields.get("alternatives") or 0))
+            given = fields.get("alternatives")
+            if isinstance(given, bool) or (given is not None
+                                           and not isinstance(given, (str, int, float))):
+                raise TypeError(given)
+            alternatives = max(0, int(given or 0))
         except (TypeError, ValueError, OverflowError):
             raise ApiError(400, "Invalid request: alternatives parameter is not a number") \
                 from None
@@ -166,7 +172,7 @@ def add_libretranslate_routes(app: FastAPI, served: dict[tuple[str, str], Served
         fields = await _request_fields(request)
         check_key(settings, fields.get("api_key"))
         q = fields.get("q")
-        if q in (None, ""):
+        if q in (None, "", []):
             raise ApiError(400, "Invalid request: missing q parameter")
         texts, _ = texts_of(q)
         check_limits(settings, texts, lines_of(texts))

@@ -89,7 +89,53 @@ def create_app(models: Sequence[LoadedModel], settings: ServeSettings = ServeSet
     add_libretranslate_routes(app, served, settings)
     add_tinyt_routes(app, served, settings)
     _add_page(app)
+    _describe_server(app, served, settings)
     return app
+
+
+def _describe_server(app: FastAPI, served: dict, settings: ServeSettings) -> None:
+    """Make the OpenAPI schema say what this server accepts, not only what a model accepts:
+    `source` and `target` are the served languages (LibreTranslate's source also `auto`),
+    LibreTranslate's q is never empty, and a beam or n-best is at most --max-beam. FastAPI
+    builds the schema from static models; this adds the server's own values to it once, when
+    it is first asked for."""
+    sources = sorted({s for s, _ in served})
+    targets = sorted({t for _, t in served})
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        bodies = [schema.get("components", {}).get("schemas", {}).get(name, {})
+                  for name in ("TranslateRequest", "ScoreRequest", "AttentionRequest")]
+        for path in ("/translate", "/detect"):
+            content = schema["paths"][path]["post"]["requestBody"]["content"]
+            bodies += [media["schema"] for media in content.values()]
+        for body in bodies:
+            properties = body.get("properties", {})
+            lt_body = "alternatives" in properties or set(properties) <= {"q", "api_key"}
+            if "source" in properties:
+                properties["source"]["enum"] = sources + (["auto"] if lt_body else [])
+            if "target" in properties:
+                properties["target"]["enum"] = targets
+            if lt_body and "alternatives" in properties:
+                properties["alternatives"]["maximum"] = settings.max_beam - 1
+            for name in ("beam", "nbest"):
+                for option in properties.get(name, {}).get("anyOf", [properties.get(name, {})]):
+                    if option.get("type") == "integer":  # pydantic leaves ge/le as they are
+                        option.pop("ge", None), option.pop("le", None)
+                        option.update(minimum=1, maximum=settings.max_beam)
+            if lt_body and properties.get("q", {}).get("type") == "string":
+                properties["q"]["minLength"] = 1
+            elif lt_body and "anyOf" in properties.get("q", {}):
+                for option in properties["q"]["anyOf"]:
+                    option.update({"minLength": 1} if option.get("type") == "string"
+                                  else {"minItems": 1})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 def _version() -> str:
@@ -124,6 +170,8 @@ def _describe_problem(error: dict[str, Any]) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     if error.get("type") == "json_invalid":
         return "the body is not valid JSON; send a JSON object"
+    if error.get("type") == "string_pattern_mismatch":  # the one pattern: a single line
+        return f"{where}: must be one line of text, not blank"
     message = str(error.get("msg", "invalid value"))
     return f"{where}: {message}" if where else message
 

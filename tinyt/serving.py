@@ -118,6 +118,8 @@ ERRORS = {status: ERROR_RESPONSE for status in (400, 403, 408, 413, 422, 429)}
 
 def check_key(settings: ServeSettings, key: Any) -> None:
     """LibreTranslate's answers: a missing key is 400, a wrong one 403."""
+    if key is not None and not isinstance(key, str):
+        raise ApiError(400, "Invalid request: api_key must be a string")
     if not settings.api_keys:
         return
     if key is None or key == "":
@@ -169,8 +171,6 @@ def check_limits(settings: ServeSettings, texts: list[str], lines: list[list[str
     if sentences > settings.batch_limit:
         raise ApiError(400, f"Invalid request: request ({sentences} lines) exceeds batch limit "
                             f"({settings.batch_limit}); send fewer lines per request")
-    if any("\x00" in t for t in texts):
-        raise ApiError(400, "Invalid request: the text holds a NUL character; send plain text")
 
 
 async def translate_lines(model: ServedModel, settings: ServeSettings, lines: list[list[str]],

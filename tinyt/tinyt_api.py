@@ -9,10 +9,10 @@ Bodies are JSON objects checked against the models below; one of the wrong shape
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tinyt.config import MAX_BEAM_SIZE
 from tinyt.errors import TinytError
@@ -35,16 +35,39 @@ from tinyt.tokenizer import EOS_ID
 from tinyt.translation import Attention, encodable
 
 
+def _json_integer(value: Any) -> Any:
+    """A JSON number that is an integer (2 or 2.0, as JSON Schema has it), as an int; anything
+    else is left to the strict int check to refuse (true, "2", 2.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _encodable(value: Any) -> Any:
+    """A string's lone surrogates as U+FFFD (`tinyt.translation.encodable`), before a pattern
+    is matched: the regex engine refuses a string that holds one."""
+    return encodable(value) if isinstance(value, str) else value
+
+
+# One sentence: a line of text, not blank. (The schema is given the pattern by hand: pydantic
+# leaves out of it a constraint that follows a BeforeValidator.)
+SENTENCE = r"^[^\r\n]*\S[^\r\n]*$"
+Sentence = Annotated[str, BeforeValidator(_encodable), Field(pattern=SENTENCE)]
+
+# A beam size or hypothesis count: 1 to MAX_BEAM_SIZE (the server's --max-beam is checked apart).
+BeamSize = Annotated[int, BeforeValidator(_json_integer), Field(ge=1, le=MAX_BEAM_SIZE)]
+
+
 class TranslateRequest(BaseModel):
     """POST /api/translate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" for 1, false for 0
     q: Text = Field(description="Text to translate: a string or a list; each line a sentence.")
     source: str = Field(description="Source language code.")
     target: str = Field(description="Target language code.")
-    beam: int | None = Field(None, ge=1, le=MAX_BEAM_SIZE,
+    beam: BeamSize | None = Field(None,
                              description="Beam size (1: greedy); default the model's.")
-    nbest: int = Field(1, ge=1, le=MAX_BEAM_SIZE,
+    nbest: BeamSize = Field(1,
                        description="Hypotheses a line, best first; the beam grows to fit.")
     length_penalty: float | None = Field(None, ge=0.0, le=10.0,
                                          description="Score / length ** this; default the "
@@ -55,7 +78,7 @@ class TranslateRequest(BaseModel):
 class ScoreRequest(BaseModel):
     """POST /api/score: forced decoding of given translations."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" for 1, false for 0
     q: Text = Field(description="Source sentences: a string or a list.")
     translation: Text = Field(description="Their translations, one a source.")
     source: str
@@ -67,13 +90,14 @@ class ScoreRequest(BaseModel):
 class AttentionRequest(BaseModel):
     """POST /api/attention: the attention of one sentence's translation."""
 
-    model_config = ConfigDict(extra="forbid")
-    q: str = Field(description="One source sentence.")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" for 1, false for 0
+    q: Sentence = Field(description="One source sentence: one line, not blank.",
+                        json_schema_extra={"pattern": SENTENCE})
     source: str
     target: str
     translation: str | None = Field(None, description="The translation to look at (an "
                                                       "alternative, say); default the best.")
-    beam: int | None = Field(None, ge=1, le=MAX_BEAM_SIZE)
+    beam: BeamSize | None = None
     length_penalty: float | None = Field(None, ge=0.0, le=10.0)
     api_key: str | None = None
 
