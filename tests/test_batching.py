@@ -37,6 +37,17 @@ class GatedTranslator:
         return self.inner.translate_nbest(sentences, nbest, beam_size, length_penalty)
 
 
+async def start_gated(translator, first: int = 1, **options):
+    """(batcher, gated translator, the task of a first request of `first` sentences) with that
+    request's batch decoding and held at the gate: whatever is sent now queues behind it."""
+    gated = GatedTranslator(translator)
+    batcher = DynamicBatcher(gated, **options)
+    await batcher.start()
+    task = asyncio.create_task(batcher.translate(SENTENCES[:first], GREEDY))
+    await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 60)
+    return batcher, gated, task
+
+
 @pytest.fixture(scope="module")
 def translator(served_run):
     return load_translator(served_run, device="cpu")
@@ -56,13 +67,8 @@ def assert_same_hypotheses(got, expected):
 
 
 def test_requests_that_arrive_while_a_batch_decodes_form_the_next_batch(translator):
-    gated = GatedTranslator(translator)
-
     async def scenario():
-        batcher = DynamicBatcher(gated, max_wait=0.0)
-        await batcher.start()
-        first = asyncio.create_task(batcher.translate(SENTENCES[:1], GREEDY))
-        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 60)
+        batcher, gated, first = await start_gated(translator, max_wait=0.0)
         rest = [asyncio.create_task(batcher.translate([s], GREEDY)) for s in SENTENCES[1:]]
         await asyncio.sleep(0)  # let them queue behind the decoding batch
         while batcher.queued_sentences < len(SENTENCES):
@@ -70,9 +76,9 @@ def test_requests_that_arrive_while_a_batch_decodes_form_the_next_batch(translat
         gated.release.set()
         results = [await first] + [await task for task in rest]
         await batcher.close()
-        return batcher, results
+        return batcher, gated, results
 
-    batcher, results = run(scenario())
+    batcher, gated, results = run(scenario())
     assert gated.calls == [SENTENCES[:1], SENTENCES[1:]]  # one batch of 1, one of 7
     assert (batcher.batches, batcher.requests, batcher.sentences) == (2, 8, 8)
     # Each request gets its own sentence's hypotheses: what decoding it alone gives.
@@ -82,23 +88,20 @@ def test_requests_that_arrive_while_a_batch_decodes_form_the_next_batch(translat
 
 
 def test_a_batch_holds_at_most_max_tokens_source_tokens(translator):
-    gated = GatedTranslator(translator)
     tokens = [len(ids) for ids in translator.tokenizers.encode_src(SENTENCES)]
     limit = tokens[1] + tokens[2]  # room for two of the queued requests, not three
 
     async def scenario():
-        batcher = DynamicBatcher(gated, max_tokens=limit, max_wait=0.0)
-        await batcher.start()
-        first = asyncio.create_task(batcher.translate(SENTENCES[:1], GREEDY))
-        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 60)
+        batcher, gated, first = await start_gated(translator, max_tokens=limit, max_wait=0.0)
         rest = [asyncio.create_task(batcher.translate([s], GREEDY)) for s in SENTENCES[1:5]]
         while batcher.queued_sentences < 5:
             await asyncio.sleep(0.001)
         gated.release.set()
         await asyncio.gather(first, *rest)
         await batcher.close()
+        return gated
 
-    run(scenario())
+    gated = run(scenario())
     assert gated.calls[0] == SENTENCES[:1]
     for call in gated.calls[1:]:
         assert sum(len(ids) for ids in translator.tokenizers.encode_src(call)) <= limit \
@@ -157,13 +160,8 @@ def test_close_answers_what_is_queued_and_failures_reach_their_request(translato
 
 
 def test_a_full_queue_refuses_with_server_busy(translator):
-    gated = GatedTranslator(translator)
-
     async def scenario():
-        batcher = DynamicBatcher(gated, max_queued=3)
-        await batcher.start()
-        first = asyncio.create_task(batcher.translate(SENTENCES[:2], GREEDY))
-        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 60)
+        batcher, gated, first = await start_gated(translator, max_queued=3, first=2)
         with pytest.raises(ServerBusy, match="try again"):
             await batcher.translate(SENTENCES[2:4], GREEDY)
         gated.release.set()

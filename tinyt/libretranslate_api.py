@@ -15,21 +15,9 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from tinyt.serving import (
-    ERRORS,
-    ApiError,
-    ServedModel,
-    ServeSettings,
-    Text,
-    check_key,
-    check_limits,
-    language_name,
-    lines_of,
-    model_for,
-    search_settings,
-    texts_of,
-    translate_lines,
-)
+from tinyt.serving import (ERRORS, ApiError, ServedModel, ServeSettings, Text, check_key,
+                           check_limits, language_name, lines_of, model_for, search_settings,
+                           texts_of, translate_lines)
 
 
 class LibreTranslateRequest(BaseModel):

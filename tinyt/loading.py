@@ -30,11 +30,7 @@ import torch
 from tinyt.bundle import load_bundle
 from tinyt.checkpoint import load_trained
 from tinyt.config import Config, override_config
-from tinyt.ctranslate2_model import (
-    CTranslate2Translator,
-    is_ctranslate2_dir,
-    load_export,
-)
+from tinyt.ctranslate2_model import (CTranslate2Translator, is_ctranslate2_dir, load_export)
 from tinyt.ensemble import Ensemble, check_same_vocabularies
 from tinyt.errors import TinytError
 from tinyt.hardware import resolve_device

@@ -17,20 +17,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from tinyt.config import MAX_BEAM_SIZE
 from tinyt.errors import TinytError
 from tinyt.loading import LoadedModel
-from tinyt.serving import (
-    ERRORS,
-    ApiError,
-    ServedModel,
-    ServeSettings,
-    Text,
-    check_key,
-    check_limits,
-    lines_of,
-    model_for,
-    search_settings,
-    texts_of,
-    translate_lines,
-)
+from tinyt.serving import (ERRORS, ApiError, ServedModel, ServeSettings, Text, check_key,
+                           check_limits, lines_of, model_for, search_settings, texts_of,
+                           translate_lines)
 from tinyt.tokenizer import EOS_ID
 from tinyt.translation import Attention, encodable
 
