@@ -22,8 +22,7 @@ the other so that nothing else runs while one is timed:
    read from there), run through this script's `_serve` mode, which is `tinyt serve` itself
    with the DynamicBatcher's decode call wrapped to record each batch (requests, sentences,
    tokens, decode time, queue wait) and one extra route, GET /_bench/batches, that returns
-   them (--plain-server runs `python -m tinyt serve` unchanged, without batch statistics;
-   --experiment applies a what-if change to the server, to measure a proposed fix).
+   them (--plain-server runs `python -m tinyt serve` unchanged, without batch statistics).
 3. Load. A closed-loop generator: C clients, each on its own HTTP/1.1 keep-alive connection
    (raw asyncio streams, Content-Length framing), sends a JSON POST /translate
    (LibreTranslate's API) and its next request when the answer arrives, until N requests have
@@ -403,7 +402,6 @@ def serve_mode(argv: list[str]) -> None:
         return result
 
     DynamicBatcher.__init__, DynamicBatcher._decode = recording_init, recording_decode
-    _apply_experiments(os.environ.get("SERVE_BENCHMARK_EXPERIMENTS", ""))
     create_app = server.create_app
 
     def instrumented_app(*a, **k):
@@ -429,19 +427,6 @@ def serve_mode(argv: list[str]) -> None:
     main(["serve", *argv])
 
 
-# What-if changes to the server, to measure a proposed fix before making it. None at present:
-# the two measured here before (models loaded in the decoding thread; CTranslate2 batches split
-# over its workers) are tinyt's own behaviour now.
-EXPERIMENTS: dict[str, str] = {}
-
-
-def _apply_experiments(names: str) -> None:
-    """What-if changes to the server, to measure a proposed fix (the `_serve` mode only)."""
-    for name in filter(None, names.split(",")):
-        if name not in EXPERIMENTS:
-            raise SystemExit(f"error: unknown experiment {name}; known: {', '.join(EXPERIMENTS)}")
-
-
 class Server:
     """A `tinyt serve` subprocess on a free loopback port for one engine: through this script's
     `_serve` mode (each batch recorded, GET /_bench/batches), or plain with --plain-server. Its
@@ -458,7 +443,7 @@ class Server:
             options += ["--batch-tokens", str(args.batch_tokens)]
         command = ([sys.executable, str(Path(__file__).resolve()), "_serve", *options]
                    if self.instrumented else tinyt_command("serve", *options))
-        env = {**child_env(), "SERVE_BENCHMARK_EXPERIMENTS": ",".join(args.experiment)}
+        env = child_env()
         self.log = work / "serve.log"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -928,11 +913,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plain-server", action="store_true",
                         help="run `tinyt serve` unmodified (no batch statistics)")
-    parser.add_argument("--experiment", action="append", default=[],
-                        choices=sorted(EXPERIMENTS),
-                        help="a what-if change to the server, to measure a proposed fix "
-                             "(repeatable): " + "; ".join(f"{k}: {v}" for k, v in
-                                                           EXPERIMENTS.items()))
     parser.add_argument("--wait-idle", type=float, default=0, metavar="MINUTES",
                         help="first wait up to this long for no pytest / tinyt train process")
     parser.add_argument("--work-dir", type=Path, help="keep the files here (default: a "
@@ -957,8 +937,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not (DEFAULT_RUN / "best.pt").is_file():
             parser.error(f"pass --run RUN or --model PATH ({DEFAULT_RUN} has no best.pt)")
         args.run = DEFAULT_RUN
-    if args.experiment and args.plain_server:
-        parser.error("--experiment changes the server through this script: drop --plain-server")
     if args.ctranslate2_int8 and args.run is None:
         parser.error("--ctranslate2-int8 exports a run: pass --run")
     return args
@@ -976,8 +954,7 @@ def main(argv: list[str]) -> None:
                      "requests": args.requests, "requests_at_1": args.requests_at_1,
                      "clients": args.clients, "beam": args.beam, "device": args.device,
                      "max_wait_ms": args.max_wait_ms, "batch_tokens": args.batch_tokens,
-                     "alone": args.alone, "quick": args.quick,
-                     "experiments": {name: EXPERIMENTS[name] for name in args.experiment}},
+                     "alone": args.alone, "quick": args.quick},
         "engines": []}
     base = read_lines(args.data_dir, args.split, args.src_lang)
     args.base_len = len(base)
@@ -1006,8 +983,6 @@ def main(argv: list[str]) -> None:
                 kind = result["server"]["engine"]
                 result["name"] = (f"{kind} ({Path(result['path']).name})" if kind != "tinyt"
                                   else f"tinyt {result['dtype']} ({Path(result['path']).name})")
-            if args.experiment:
-                result["name"] += f", server with {' + '.join(args.experiment)}"
             result["path"] = str(result.pop("path"))
             result.pop("flag")
             results["engines"].append(result)

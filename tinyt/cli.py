@@ -766,11 +766,10 @@ def serve(
                              batch_tokens=batch_tokens, max_wait_ms=max_wait_ms)
     resolved = _device(device)
     thread = decoding_thread()  # the models are loaded where they will decode (see its doc)
+    each = [([r], []) for r in runs] + [([], [m]) for m in model_files]  # a model apiece
     try:
-        models = [thread.submit(load_model, [r], [], checkpoint, overrides or [], resolved)
-                  .result() for r in runs]
-        models += [thread.submit(load_model, [], [m], checkpoint, overrides or [], resolved)
-                   .result() for m in model_files]
+        models = [thread.submit(load_model, r, m, checkpoint, overrides or [], resolved).result()
+                  for r, m in each]
     except BaseException:
         thread.shutdown(wait=False)
         raise

@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tinyt import __version__
 from tinyt.batching import DynamicBatcher, decoding_thread
 from tinyt.errors import TinytError
 from tinyt.libretranslate_api import add_libretranslate_routes
@@ -78,7 +79,7 @@ def create_app(models: Sequence[LoadedModel], settings: ServeSettings = ServeSet
             await model.batcher.close()
         thread.shutdown(wait=True)
 
-    app = FastAPI(title="tinyt", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="tinyt", version=__version__, lifespan=lifespan,
                   description="Translation with tinyt models: LibreTranslate's API and tinyt's "
                               "own (n-best with scores, forced decoding, attention).")
     app.state.served = served
@@ -107,40 +108,39 @@ def _describe_server(app: FastAPI, served: dict, settings: ServeSettings) -> Non
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
-        bodies = [schema.get("components", {}).get("schemas", {}).get(name, {})
-                  for name in ("TranslateRequest", "ScoreRequest", "AttentionRequest")]
-        for path in ("/translate", "/detect"):
-            content = schema["paths"][path]["post"]["requestBody"]["content"]
-            bodies += [media["schema"] for media in content.values()]
-        for body in bodies:
-            properties = body.get("properties", {})
-            lt_body = "alternatives" in properties or set(properties) <= {"q", "api_key"}
-            if "source" in properties:
-                properties["source"]["enum"] = sources + (["auto"] if lt_body else [])
-            if "target" in properties:
-                properties["target"]["enum"] = targets
-            if lt_body and "alternatives" in properties:
+        tinyt_bodies = [schema["components"]["schemas"][name]
+                        for name in ("TranslateRequest", "ScoreRequest", "AttentionRequest")]
+        libretranslate_bodies = [media["schema"] for path in ("/translate", "/detect")
+                                 for media in schema["paths"][path]["post"]["requestBody"]
+                                 ["content"].values()]
+        for body in tinyt_bodies:
+            _narrow(body["properties"], sources, targets, settings.max_beam)
+        for body in libretranslate_bodies:
+            properties = body["properties"]
+            _narrow(properties, sources + ["auto"], targets, settings.max_beam)
+            if "alternatives" in properties:
                 properties["alternatives"]["maximum"] = settings.max_beam - 1
-            for name in ("beam", "nbest"):
-                for option in properties.get(name, {}).get("anyOf", [properties.get(name, {})]):
-                    if option.get("type") == "integer":  # pydantic leaves ge/le as they are
-                        option.pop("ge", None), option.pop("le", None)
-                        option.update(minimum=1, maximum=settings.max_beam)
-            if lt_body and properties.get("q", {}).get("type") == "string":
-                properties["q"]["minLength"] = 1
-            elif lt_body and "anyOf" in properties.get("q", {}):
-                for option in properties["q"]["anyOf"]:
-                    option.update({"minLength": 1} if option.get("type") == "string"
-                                  else {"minItems": 1})
+            for option in properties["q"].get("anyOf", [properties["q"]]):  # never empty
+                option.update({"minLength": 1} if option.get("type") == "string"
+                              else {"minItems": 1})
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi
 
 
-def _version() -> str:
-    from tinyt import __version__
-    return __version__
+def _narrow(properties: dict[str, Any], sources: list[str], targets: list[str],
+            max_beam: int) -> None:
+    """A request body's schema narrowed to this server: its languages and --max-beam."""
+    if "source" in properties:
+        properties["source"]["enum"] = sources
+    if "target" in properties:
+        properties["target"]["enum"] = targets
+    for name in ("beam", "nbest"):
+        for option in properties.get(name, {}).get("anyOf", [properties.get(name, {})]):
+            if option.get("type") == "integer":  # pydantic leaves ge/le as they are
+                option.pop("ge", None), option.pop("le", None)
+                option.update(minimum=1, maximum=max_beam)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

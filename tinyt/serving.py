@@ -13,12 +13,15 @@ import asyncio
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, Union
 
 from tinyt.batching import DynamicBatcher, Hypotheses, SearchSettings, ServerBusy
 from tinyt.errors import TinytError
 from tinyt.loading import LoadedModel
-from tinyt.translation import encodable
+from tinyt.tokenizer import encodable
+
+T = TypeVar("T")
 
 # English names of the language codes LibreTranslate and Argos Translate models use; a code
 # not listed is shown as itself.
@@ -80,16 +83,24 @@ class ServedModel:
     def id(self) -> str:
         return f"{self.source}-{self.target}"
 
+    @property
+    def engine(self) -> str:
+        return {"run": "tinyt", "bundle": "tinyt", "ensemble": "tinyt ensemble",
+                "ctranslate2": "ctranslate2"}[self.loaded.kind]
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether its attention can be shown: one tinyt model (not an ensemble or an export)."""
+        return self.loaded.kind in ("run", "bundle")
+
     def describe(self) -> dict[str, Any]:
         translator, config = self.loaded.translator, self.loaded.config
-        attention = self.loaded.kind in ("run", "bundle")
+        attention = self.has_attention
         model = getattr(translator, "model", None)
         return {
             "id": self.id, "source": self.source, "target": self.target,
             "source_name": language_name(self.source), "target_name": language_name(self.target),
-            "engine": {"run": "tinyt", "bundle": "tinyt", "ensemble": "tinyt ensemble",
-                       "ctranslate2": "ctranslate2"}[self.loaded.kind],
-            # The folder or file name only: a client has no business with the server's paths.
+            "engine": self.engine,
             "path": " + ".join(Path(part).name for part in self.loaded.name.split(" + ")),
             "step": (self.loaded.payload.get("progress") or {}).get("step"),
             "beam_size": config.decoding.beam_size,
@@ -173,21 +184,34 @@ def check_limits(settings: ServeSettings, texts: list[str], lines: list[list[str
                             f"({settings.batch_limit}); send fewer lines per request")
 
 
-async def translate_lines(model: ServedModel, settings: ServeSettings, lines: list[list[str]],
-                           search: SearchSettings) -> list[list[Hypotheses]]:
-    """Each text's lines' hypotheses (an empty line: [("", 0.0)]), within the time limit."""
-    flat = [line for text in lines for line in text]
+async def within_time_limit(settings: ServeSettings, work: Awaitable[T], what: str) -> T:
+    """`work`'s result, or the refusal that fits: 408 past --request-timeout, 429 when the
+    queue is full, 400 for a TinytError (a translation too long for the model, say)."""
     try:
-        hyps = await asyncio.wait_for(model.batcher.translate(flat, search),
-                                      settings.request_timeout)
+        return await asyncio.wait_for(work, settings.request_timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the translation took longer than the server's limit of "
+        raise ApiError(408, f"{what} took longer than the server's limit of "
                             f"{settings.request_timeout:g} s; send less text per request, or "
                             "try again when the server is less busy") from None
     except ServerBusy as exc:
         raise ApiError(429, f"Slowdown: {exc}") from None
     except TinytError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+def in_decoding_thread(model: ServedModel, function: Callable[..., T], *args: Any
+                       ) -> Awaitable[T]:
+    """`function(*args)` run in the model's decoding thread (a teacher-forced pass, say), one
+    at a time with its batches and off the event loop."""
+    return asyncio.get_running_loop().run_in_executor(model.batcher.thread, function, *args)
+
+
+async def translate_lines(model: ServedModel, settings: ServeSettings, lines: list[list[str]],
+                          search: SearchSettings) -> list[list[Hypotheses]]:
+    """Each text's lines' hypotheses (an empty line: [("", 0.0)]), within the time limit."""
+    flat = [line for text in lines for line in text]
+    hyps = await within_time_limit(settings, model.batcher.translate(flat, search),
+                                   "the translation")
     model.stats["requests"] += 1
     model.stats["sentences"] += len(flat)
     out, start = [], 0

@@ -8,20 +8,18 @@ Bodies are JSON objects checked against the models below; one of the wrong shape
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tinyt.config import MAX_BEAM_SIZE
-from tinyt.errors import TinytError
 from tinyt.loading import LoadedModel
 from tinyt.serving import (ERRORS, ApiError, ServedModel, ServeSettings, Text, check_key,
-                           check_limits, lines_of, model_for, search_settings, texts_of,
-                           translate_lines)
-from tinyt.tokenizer import EOS_ID
-from tinyt.translation import Attention, encodable
+                           check_limits, in_decoding_thread, lines_of, model_for,
+                           search_settings, texts_of, translate_lines, within_time_limit)
+from tinyt.tokenizer import EOS_ID, encodable
+from tinyt.translation import Attention
 
 
 def _json_integer(value: Any) -> Any:
@@ -33,7 +31,7 @@ def _json_integer(value: Any) -> Any:
 
 
 def _encodable(value: Any) -> Any:
-    """A string's lone surrogates as U+FFFD (`tinyt.translation.encodable`), before a pattern
+    """A string's lone surrogates as U+FFFD (`tinyt.tokenizer.encodable`), before a pattern
     is matched: the regex engine refuses a string that holds one."""
     return encodable(value) if isinstance(value, str) else value
 
@@ -143,17 +141,9 @@ def add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
             raise ApiError(400, f"{len(sources)} texts in q but {len(targets)} in translation; "
                                 "give one translation a text")
         check_limits(settings, sources + targets, lines_of(sources + targets))
-        translator = model.loaded.translator
-        try:
-            scored = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(
-                    model.batcher.thread, translator.score, sources, targets),
-                settings.request_timeout)
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"scoring took longer than the server's limit of "
-                                f"{settings.request_timeout:g} s; send less text") from None
-        except TinytError as exc:
-            raise ApiError(400, str(exc)) from None
+        scored = await within_time_limit(
+            settings, in_decoding_thread(model, model.loaded.translator.score, sources, targets),
+            "scoring")
         results = []
         for ids, logps in scored:
             total = sum(logps)
@@ -178,30 +168,15 @@ def add_tinyt_routes(app: FastAPI, served: dict[tuple[str, str], ServedModel],
         model = model_for(served, body.source, body.target)
         given = [] if body.translation is None else [body.translation]
         check_limits(settings, [body.q] + given, [[body.q]])
-        if not model.describe()["attention"]:
+        if not model.has_attention:
             raise ApiError(400, f"attention weights come from tinyt's own model; the {model.id} "
-                                f"model is served by {model.describe()['engine']}: serve the "
-                                "run or bundle it was made from to see them")
-        if "\n" in body.q.strip() or "\r" in body.q.strip():
-            raise ApiError(400, "Invalid request: q holds several lines; the attention is of "
-                                "one sentence: send one line")
-        if not body.q.strip():
-            raise ApiError(400, "Invalid request: q is empty; send a sentence")
+                                f"model is served by {model.engine}: serve the run or bundle "
+                                "it was made from to see them")
         search = search_settings(model, settings, body.beam, 1, body.length_penalty)
-        translator = model.loaded.translator
-        try:
-            maps = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(
-                    model.batcher.thread, lambda: translator.attention(
-                        encodable(body.q.strip()),
-                        None if body.translation is None else encodable(body.translation),
-                        search.beam, search.length_penalty)),
-                settings.request_timeout)
-        except asyncio.TimeoutError:
-            raise ApiError(408, "the attention took longer than the server's limit of "
-                                f"{settings.request_timeout:g} s") from None
-        except TinytError as exc:
-            raise ApiError(400, str(exc)) from None
+        maps = await within_time_limit(
+            settings, in_decoding_thread(model, model.loaded.translator.attention, body.q.strip(),
+                                         body.translation, search.beam, search.length_penalty),
+            "the attention")
         return {"model": model.id, **_attention_json(model.loaded, maps)}
 
 
@@ -221,11 +196,11 @@ def _attention_json(loaded: LoadedModel, seen: Attention) -> dict[str, Any]:
 
 
 def _word_numbers(pieces: list[str]) -> list[int]:
-    """The word number of each piece: a piece starting with ▁ (or the first, or <eos>) begins
-    a new word."""
+    """The word number of each piece: the first piece, one starting with ▁, and <eos> (the last)
+    each begin a word."""
     numbers, word = [], -1
     for i, piece in enumerate(pieces):
-        if i == 0 or piece.startswith("\u2581") or piece == "</s>" or (i == len(pieces) - 1):
+        if i == 0 or i == len(pieces) - 1 or piece.startswith("\u2581"):
             word += 1
         numbers.append(word)
     return numbers

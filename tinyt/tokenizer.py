@@ -27,6 +27,25 @@ from tinyt.writing import atomic_write_bytes, writing
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """`text` as UTF-8 (and so SentencePiece) can hold it: a lone surrogate, which a Python
+    string can carry (a JSON \\uD800 escape, say), becomes U+FFFD, as undecodable bytes do in
+    files and on stdin."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _encode(processor: spm.SentencePieceProcessor, sentences: list[str]) -> list[list[int]]:
+    """Ids of `sentences`. SentencePiece refuses a whole batch holding a lone surrogate (a
+    TypeError), so such a batch is encoded again with `encodable` text: no cost to the batches
+    that have none, the corpus's among them."""
+    try:
+        return processor.encode(sentences, out_type=int)
+    except TypeError:
+        return processor.encode([encodable(s) for s in sentences], out_type=int)
+
 
 class Tokenizers:
     """The source and target SentencePiece models of a run (the same object when joint)."""
@@ -46,10 +65,10 @@ class Tokenizers:
         return self.tgt.get_piece_size()
 
     def encode_src(self, sentences: list[str]) -> list[list[int]]:
-        return self.src.encode(sentences, out_type=int)
+        return _encode(self.src, sentences)
 
     def encode_tgt(self, sentences: list[str]) -> list[list[int]]:
-        return self.tgt.encode(sentences, out_type=int)
+        return _encode(self.tgt, sentences)
 
     def sample_src(self, sentences: list[str], sampling: SubwordSamplingConfig,
                    seed: int) -> list[list[int]]:

@@ -4,7 +4,6 @@ scoring given translations (forced decoding)."""
 from __future__ import annotations
 
 import hashlib
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,16 +21,6 @@ from tinyt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
 
 # Scores (hypotheses x vocabulary) one decoding batch may hold at a step: 128 MiB of float32.
 MAX_DECODE_SCORES = 2**25
-
-
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def encodable(text: str) -> str:
-    """`text` as UTF-8 (and so SentencePiece) can hold it: a lone surrogate (which Python
-    strings can carry: a JSON \\uD800 escape, or argv's undecodable bytes) becomes U+FFFD, as
-    undecodable bytes do in files and on stdin."""
-    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 @dataclass
@@ -151,7 +140,7 @@ class Translator:
         whitespace-only inputs are left out, and so is text the vocabulary reads as nothing
         (control characters, zero-width spaces): it has nothing to translate either."""
         real = [i for i, s in enumerate(sentences) if s.strip()]
-        src_ids = self.tokenizers.encode_src([encodable(sentences[i]) for i in real])
+        src_ids = self.tokenizers.encode_src([sentences[i] for i in real])
         return [i for i, ids in zip(real, src_ids) if ids], [ids for ids in src_ids if ids]
 
     def search_settings(self, beam_size: int | None, length_penalty: float | None
@@ -188,11 +177,11 @@ class Translator:
                              "CTranslate2 export has none to show")
         if not sentence.strip():
             raise TinytError("nothing to translate: the sentence is empty")
-        src_ids = self.tokenizers.encode_src([encodable(sentence)])[0][: self.max_positions - 1]
+        src_ids = self.tokenizers.encode_src([sentence])[0][: self.max_positions - 1]
         if translation is None:
             out_ids = self.translate_ids([src_ids], beam_size, length_penalty)[0]
         else:
-            out_ids = self.tokenizers.encode_tgt([encodable(translation)])[0]
+            out_ids = self.tokenizers.encode_tgt([translation])[0]
             if len(out_ids) + 1 > self.max_positions:
                 raise TinytError(f"the translation has {len(out_ids)} tokens; the model reads "
                                  f"at most {self.max_positions - 1}")
@@ -272,9 +261,8 @@ class Translator:
         if len(sources) != len(targets):
             raise TinytError(f"{len(sources)} sources but {len(targets)} targets; give one "
                              "target a source")
-        src_ids = self.fit_to_positions(self.tokenizers.encode_src(
-            [encodable(s) for s in sources]))
-        tgt_ids = self.tokenizers.encode_tgt([encodable(t) for t in targets])
+        src_ids = self.fit_to_positions(self.tokenizers.encode_src(list(sources)))
+        tgt_ids = self.tokenizers.encode_tgt(list(targets))
         room = self.max_positions - 1
         for line, ids in enumerate(tgt_ids, start=1):
             if len(ids) > room:
