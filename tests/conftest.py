@@ -225,13 +225,15 @@ class ServerProcess:
 
 
 def start_server(*args: str, log_dir: Path, env: dict[str, str] | None = None,
-                 wait: bool = True) -> ServerProcess:
-    """Start `tinyt serve --port 0 ARGS` and, with `wait`, return once it prints the address
-    it listens on (`ServerProcess.url`); if it exits first, fail with its output."""
+                 wait: bool = True, program: list[str] | None = None) -> ServerProcess:
+    """Start `tinyt serve --port 0 ARGS` (`program serve ...`, default `python -m tinyt`)
+    and, with `wait`, return once it prints the address it listens on (`ServerProcess.url`);
+    if it exits first, fail with its output."""
     log = log_dir / f"serve-{len(list(log_dir.glob('serve-*.log')))}.log"
     full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tinyt", "serve", "--port", "0", *args],
+        program = program or [sys.executable, "-m", "tinyt"]
+        process = subprocess.Popen([*program, "serve", "--port", "0", *args],
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=full_env, cwd=REPO_ROOT)
     server = ServerProcess(process, log)
@@ -253,5 +255,5 @@ def start_server(*args: str, log_dir: Path, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def serve_process():
-    """`start_server(*args, log_dir=..., env=None, wait=True) -> ServerProcess`."""
+    """`start_server(*args, log_dir=..., env=None, wait=True, program=None) -> ServerProcess`."""
     return start_server

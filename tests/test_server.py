@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -392,48 +393,72 @@ def test_a_port_in_use_is_one_error_line_and_exit_2(served_run, serve_process, t
 
 # -- draining on SIGTERM --------------------------------------------------------------------------
 
+# `tinyt serve` whose decoding waits until a gate file exists: a test can hold a request in
+# flight for as long as it needs, whatever the machine's speed.
+GATED_SERVE = """
+import pathlib, sys, time
+from tinyt.translation import Translator
+gate = pathlib.Path(sys.argv.pop(1))
+decode = Translator.translate_nbest
+def held(self, *args, **kwargs):
+    while not gate.exists():
+        time.sleep(0.01)
+    return decode(self, *args, **kwargs)
+Translator.translate_nbest = held
+from tinyt.cli import main
+main()
+"""
+
+
+def wait_until(condition, what: str, server) -> None:
+    """Poll `condition()` until it holds (a hang guard of 300 s, not a speed check)."""
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never happened:\n{server.output()}"
+        time.sleep(0.01)
+
+
 def test_sigterm_answers_the_requests_in_flight_refuses_new_ones_and_exits_0(
         served_run, serve_process, tmp_path):
-    server = serve_process("--run", str(served_run), "--device", "cpu", "--batch-limit", "400",
-                           "--char-limit", "100000", log_dir=tmp_path)
-    lines = [f"{SENTENCES[i % 3]} {i}" for i in range(300)]
-    body = json.dumps({"q": "\n".join(lines), "source": "de", "target": "en", "beam": 8,
-                       "nbest": 8}).encode()
+    script, gate = tmp_path / "gated_serve.py", tmp_path / "gate"
+    script.write_text(GATED_SERVE)
+    server = serve_process("--run", str(served_run), "--device", "cpu", log_dir=tmp_path,
+                           program=[sys.executable, str(script), str(gate)])
+    body = json.dumps({"q": "\n".join(SENTENCES), "source": "de", "target": "en"}).encode()
     answer: dict = {}
 
     def send() -> None:
         answer["status"], answer["body"] = post(server.url + "/api/translate", body,
                                                 "application/json")
 
-    client = threading.Thread(target=send)
-    client.start()
-    # Wait until the server holds the request (queued or decoding), then stop it.
-    with urllib.request.urlopen(server.url + "/health", timeout=60) as response:
-        assert json.loads(response.read())["status"] == "ok"
-    while True:
+    def health() -> dict:
         with urllib.request.urlopen(server.url + "/health", timeout=60) as response:
-            if json.loads(response.read())["queued_sentences"] >= len(lines):
-                break
-    server.process.send_signal(signal.SIGTERM)
-    address = urllib.parse.urlsplit(server.url)
-    refused = None
-    while server.process.poll() is None and client.is_alive():
+            return json.loads(response.read())
+
+    def refuses_connections() -> bool:
+        address = urllib.parse.urlsplit(server.url)
         try:
             with socket.create_connection((address.hostname, address.port), timeout=5):
-                pass
-        except OSError:  # the listening socket is closed: new connections are refused
-            refused = True
-            break
+                return False
+        except OSError:  # the listening socket is closed
+            return True
+
+    client = threading.Thread(target=send)
+    client.start()
+    wait_until(lambda: health()["queued_sentences"] == len(SENTENCES), "the request queued",
+               server)
+    server.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping: no new connections" in server.output(), "the stop message",
+               server)
+    assert f"({len(SENTENCES)} sentences queued or decoding)" in server.output()
+    wait_until(refuses_connections, "new connections refused", server)
+    assert client.is_alive() and server.process.poll() is None  # the request is still held
+    gate.touch()
     client.join(600)
     assert server.process.wait(600) == 0, server.output()
     assert answer["status"] == 200
-    assert len(answer["body"]["results"][0]["hypotheses"][0]["text"].split("\n")) == 300
-    output = server.output()
-    assert "stopping: no new connections" in output and "(300 sentences" in output
-    assert "answered 1 translation requests (300 sentences)" in output
-    assert refused in (True, None)  # None: the answer came before a connection was tried
-    with pytest.raises(OSError):
-        urllib.request.urlopen(server.url + "/health", timeout=5)
+    assert len(answer["body"]["results"][0]["hypotheses"][0]["text"].split("\n")) == 3
+    assert f"answered 1 translation requests ({len(SENTENCES)} sentences)" in server.output()
 
 
 # -- fuzzing the schema ---------------------------------------------------------------------------
