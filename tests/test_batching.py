@@ -33,7 +33,7 @@ class GatedTranslator:
     def translate_nbest(self, sentences, nbest, beam_size, length_penalty):
         self.calls.append(list(sentences))
         self.started.set()
-        self.release.wait(60)
+        self.release.wait(600)  # a hang guard: the test releases it
         return self.inner.translate_nbest(sentences, nbest, beam_size, length_penalty)
 
 
@@ -44,7 +44,7 @@ async def start_gated(translator, first: int = 1, **options):
     batcher = DynamicBatcher(gated, **options)
     await batcher.start()
     task = asyncio.create_task(batcher.translate(SENTENCES[:first], GREEDY))
-    await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 60)
+    await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 600)
     return batcher, gated, task
 
 
