@@ -196,6 +196,16 @@ HOSTILE = [
     ("/translate", "raw-form", b"q=%FF%FE&source=de&target=en", 400, "UTF-8"),
     ("/translate", "raw-form", b"q=" + b"x" * 30_000, 413, "larger than"),
     ("/translate", "raw-multipart", b"--x\r\nbroken", 400, "missing q"),
+    # Text that is not UTF-8 is refused in every channel, not read as latin-1 or U+FFFD.
+    ("/translate", "raw-multipart", b'--x\r\nContent-Disposition: form-data; name="q"\r\n\r\n'
+                                    b"\xff\xfe\r\n--x--\r\n", 400, "not UTF-8"),
+    ("/translate", "raw-multipart", b'--x\r\nContent-Disposition: form-data; name="q"; '
+                                    b'filename="a.txt"\r\n\r\nhi\r\n--x--\r\n', 400, "file"),
+    ("/translate?q=%FF&source=de&target=en", "raw-form", b"", 400, "query string"),
+    # Nesting deeper than Python's recursion limit.
+    ("/translate", "raw-json", b'{"q": ' + b"[" * 9_000 + b"]" * 9_000 + b"}", 400, "JSON"),
+    ("/api/translate", "raw-json", b'{"q": ' + b"[" * 9_000 + b"]" * 9_000 + b"}", 400,
+     "JSON"),
     ("/detect", "json", {}, 400, "missing q"),
     ("/api/translate", "json", {"q": "x", "source": "de", "target": "en", "beam": 0}, 422,
      "beam"),

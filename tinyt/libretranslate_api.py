@@ -8,7 +8,9 @@ value and for text over the limits, 403 for a wrong API key, 429 when the server
 
 from __future__ import annotations
 
+import email.policy
 import json
+from email.parser import BytesParser
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -51,39 +53,62 @@ def _libretranslate_body(schema: dict[str, Any]) -> dict[str, Any]:
 
 async def _request_fields(request: Request) -> dict[str, Any]:
     """The fields of a LibreTranslate request: a JSON object, a urlencoded or multipart form;
-    query parameters fill in what the body lacks (LibreTranslate reads both)."""
+    query parameters fill in what the body lacks (LibreTranslate reads both). Text that is not
+    UTF-8, in any of them, is refused rather than read some other way."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     fields: dict[str, Any] = {}
     if ctype == "application/json" or (not ctype and body.lstrip()[:1] in (b"{", b"[")):
         try:
             value = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: [[[[...
             raise ApiError(400, "Invalid JSON format: the body is not a JSON object in UTF-8")
         if not isinstance(value, dict):
             raise ApiError(400, "Invalid JSON format: send a JSON object with q, source and "
                                 "target")
         fields = value
     elif ctype == "multipart/form-data":
-        try:
-            form = await request.form()
-        except Exception:  # noqa: BLE001 - python-multipart's parse errors vary by version
-            raise ApiError(400, "Invalid request: the multipart form cannot be read") from None
-        for name, value in form.multi_items():
-            if not isinstance(value, str):
-                raise ApiError(400, f"Invalid request: {name} must be a text field, not a file")
-            fields.setdefault(name, value)
+        fields = _multipart_fields(request.headers["content-type"], body)
     elif body:
+        fields = _form_fields(body, "the form")
+    for name, value in _form_fields(request.scope.get("query_string", b""),
+                                    "the query string").items():
+        fields.setdefault(name, value)
+    return fields
+
+
+def _form_fields(raw: bytes, what: str) -> dict[str, str]:
+    """URL-encoded fields (the first of a repeated name), read as UTF-8 or refused: Starlette
+    and urllib would turn bytes that are not UTF-8 into U+FFFD or latin-1 without a word."""
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, encoding="utf-8",
+                          errors="strict", max_num_fields=64)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, f"Invalid request: {what} is not URL-encoded UTF-8 text") from None
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    return fields
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """The text fields of a multipart form (the first of a repeated name), as UTF-8 or
+    refused; a file is refused. Read with the standard library's MIME parser, which keeps each
+    field's bytes (Starlette's reads undecodable text as latin-1)."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    fields: dict[str, str] = {}
+    for part in message.iter_parts() if message.is_multipart() else ():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        if part.get_filename() is not None:
+            raise ApiError(400, f"Invalid request: {name} must be a text field, not a file")
         try:
-            text = body.decode("utf-8")
-            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
-                              encoding="utf-8", errors="strict", max_num_fields=64)
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "Invalid request: the form is not URL-encoded UTF-8 text") \
-                from None
-        for name, value in pairs:
-            fields.setdefault(name, value)
-    for name, value in request.query_params.multi_items():
+            value = (part.get_payload(decode=True) or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"Invalid request: the form field {name} is not UTF-8 "
+                                "text") from None
         fields.setdefault(name, value)
     return fields
 
