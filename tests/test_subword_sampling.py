@@ -66,18 +66,23 @@ def test_a_sampled_side_longer_than_max_len_takes_the_best_segmentation(tokenize
     tgt = [t for _, t in short_pairs[:40]]
     best_src, best_tgt = tokenizers.encode_src(src), tokenizers.encode_tgt(tgt)
     max_len = max(len(ids) for ids in best_src + best_tgt)  # every best cut fits
-    data = sample_token_ids(tokenizers, src, tgt, sampling_for(tokenizers, alpha=0.1), 3,
-                            max_len)
-    assert len(data) == 40
-    assert int(data.src_lengths.max()) <= max_len and int(data.tgt_lengths.max()) <= max_len
-    # Some sides sampled longer than max_len fell back to exactly their best segmentation.
+    # Sampling lengthens sentences, so some side should pass max_len and fall back to exactly
+    # its best segmentation. Whether one does under a given seed is chance (CI once drew a
+    # seed where none did): the first of 20 seeds where one does is checked.
     sampled = sample_segmentations(tokenizers.src, src, sampling_for(tokenizers, alpha=0.1),
                                    0)  # only to know that sampling lengthens sentences
     assert sum(map(len, sampled)) > sum(map(len, best_src))
-    fell_back = [i for i in range(40) if data.src(i).tolist() == best_src[i]]
+    for seed in range(3, 23):
+        data = sample_token_ids(tokenizers, src, tgt, sampling_for(tokenizers, alpha=0.1), seed,
+                                max_len)
+        assert len(data) == 40
+        assert int(data.src_lengths.max()) <= max_len and int(data.tgt_lengths.max()) <= max_len
+        assert tokenizers.src.decode([data.src(i).tolist() for i in range(40)]) == \
+            tokenizers.src.decode(best_src)
+        fell_back = [i for i in range(40) if data.src(i).tolist() == best_src[i]]
+        if fell_back:
+            break
     assert fell_back, "no side fell back"
-    assert tokenizers.src.decode([data.src(i).tolist() for i in range(40)]) == \
-        tokenizers.src.decode(best_src)
 
 
 def test_config_checks_the_sampling_values():
